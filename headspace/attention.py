@@ -1,0 +1,99 @@
+"""Exact causal attention over a query chunk, and the attention function headspace registers.
+
+The function is registered in transformers' attention-function registry under
+``"headspace"``. When the layer's cache is a :class:`~headspace.cache.HeadspaceCache`
+that has just stored this layer's keys, the cache computes the attention head group
+by head group (streaming offloaded heads); otherwise the function is plain exact
+SDPA, so a patched model still works with any other cache.
+
+Masks are never materialized by transformers for this implementation: a mask for a
+4K-token chunk over a 1M-token prefix would be 4 GB. Queries are always the last
+positions of the keys (no padding), so the mask follows from the shapes.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from headspace.errors import HeadspaceError
+
+if TYPE_CHECKING:
+    from headspace.cache import HeadspaceCache
+
+ATTENTION_NAME = "headspace"
+
+# The cache that stored keys last, so the attention call right after can find it.
+active_cache: ContextVar[HeadspaceCache | None] = ContextVar("headspace_active_cache", default=None)
+
+
+def causal_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, Hq, c, D), the last c positions, over ``keys``/``values`` (B, Hk, L, D).
+
+    Causality is aligned lower-right (query i sits at position L - c + i); with a
+    ``window``, a query sees only keys less than ``window`` positions back, as in
+    transformers' sliding-window mask. Returns (B, Hq, c, D).
+    """
+    batch, q_heads, chunk, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    if chunk == 1 and (window is None or length <= window):
+        # One query sees every key: fold the query heads of each KV head into the
+        # query axis, so grouped-query attention runs as one plain SDPA call.
+        folded = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+        out = F.scaled_dot_product_attention(folded, keys, values, scale=scaling)
+        return out.reshape(batch, q_heads, 1, dim)
+    gqa = q_heads != kv_heads
+    if window is not None:
+        q_pos = torch.arange(length - chunk, length, device=query.device)[:, None]
+        k_pos = torch.arange(length, device=query.device)[None, :]
+        mask = (k_pos <= q_pos) & (k_pos > q_pos - window)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    if chunk == length:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
+    bias = causal_lower_right(chunk, length)
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scaling, enable_gqa=gqa)
+
+
+def headspace_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention function with transformers' signature; returns (B, c, Hq, D) and no weights."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    cache = active_cache.get()
+    if cache is not None and cache.holds(module.layer_idx, key):
+        out = cache.attend(module.layer_idx, query, scaling)
+    else:
+        out = causal_attention(query, key, value, scaling, sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def no_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> None:
+    """Mask function for ``"headspace"``: masks follow from shapes, so padding is refused."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise HeadspaceError("padded batches are not supported: pass sequences of equal length without padding")
+    return None
+
+
+AttentionInterface.register(ATTENTION_NAME, headspace_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, no_mask)

@@ -1,0 +1,268 @@
+"""The head-wise offloaded KV cache, built on transformers' public Cache API.
+
+Each full-attention layer keeps its first ``gpu_heads`` KV heads on the compute
+device and the others in host memory (pinned with CUDA). Sliding-window layers
+are bounded by their window, so they stay on the device. ``update`` stores a
+chunk; the attention function then calls :meth:`HeadspaceCache.attend`, which
+computes attention head group by head group while the next group, or the next
+layer's first group, is being copied in.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from headspace.attention import active_cache, causal_attention
+from headspace.errors import HeadspaceError
+from headspace.streaming import Staging, Transfers
+from headspace.tiers import DeviceKV, HostKV
+
+
+def layer_windows(config: PretrainedConfig) -> list[int | None]:
+    """Per decoder layer, its sliding window, or None for full attention."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None) or [
+        "sliding_attention" if window is not None else "full_attention"
+    ] * text.num_hidden_layers
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise HeadspaceError(f"layer types {unknown} are not supported (only full and sliding-window attention)")
+    return [window if kind == "sliding_attention" else None for kind in types]
+
+
+class HeadspaceLayer(CacheLayerMixin):
+    """Common bookkeeping: ``length`` counts every position seen, stored or not."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def attend(self, query: torch.Tensor, scaling: float, staging: Staging) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device_bytes(self) -> int:
+        return 0
+
+    @property
+    def host_bytes(self) -> int:
+        return 0
+
+
+class WindowLayer(HeadspaceLayer):
+    """A sliding-window layer: all heads on the device, at most ``window - 1`` past tokens kept."""
+
+    is_sliding = True
+
+    def __init__(self, window: int):
+        super().__init__()
+        self.window = window
+        self.store: DeviceKV | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads, _, dim = key_states.shape
+            self.store = DeviceKV(batch, heads, dim, self.dtype, self.device)
+        self.store.keep_last(self.window - 1)
+        self.store.append(key_states, value_states)
+        self.length += key_states.shape[2]
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, scaling: float, staging: Staging) -> torch.Tensor:
+        keys, values = self.store.view()
+        return causal_attention(query, keys, values, scaling, self.window)
+
+    @property
+    def device_bytes(self) -> int:
+        return self.store.nbytes if self.store is not None else 0
+
+
+class OffloadLayer(HeadspaceLayer):
+    """A full-attention layer split by KV head between the device and host memory."""
+
+    def __init__(self, transfers: Transfers, gpu_heads: int, group_heads: int, block_tokens: int):
+        super().__init__()
+        self.transfers = transfers
+        self.gpu_heads, self.group_heads, self.block_tokens = gpu_heads, group_heads, block_tokens
+        self.resident: DeviceKV | None = None
+        self.host: HostKV | None = None
+        self.groups: list[slice] = []
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.written: torch.cuda.Event | None = None
+        self.reserved = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        batch, heads, _, dim = key_states.shape
+        if self.gpu_heads > heads:
+            raise HeadspaceError(f"gpu_heads={self.gpu_heads} but the model has only {heads} KV heads per layer")
+        self.heads = heads
+        if self.gpu_heads:
+            self.resident = DeviceKV(batch, self.gpu_heads, dim, self.dtype, self.device)
+        offloaded = heads - self.gpu_heads
+        if offloaded:
+            self.host = HostKV(batch, offloaded, dim, self.dtype, self.transfers.cuda, self.block_tokens)
+            step = self.group_heads
+            self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]
+        self.reserve(self.reserved)
+
+    def reserve(self, tokens: int) -> None:
+        self.reserved = max(self.reserved, tokens)
+        if self.resident is not None:
+            self.resident.reserve(tokens)
+        if self.host is not None:
+            self.host.reserve(tokens)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        g = self.gpu_heads
+        if self.resident is not None:
+            self.resident.append(key_states[:, :g], value_states[:, :g])
+        if self.host is not None:
+            keys, values = key_states[:, g:].contiguous(), value_states[:, g:].contiguous()
+            d2h = self.transfers.d2h
+            self.transfers.wait(self.transfers.mark(), d2h)
+            with self.transfers.on(d2h):
+                self.host.write(keys, values)
+            if d2h is not None:
+                keys.record_stream(d2h)
+                values.record_stream(d2h)
+            self.written = self.transfers.mark(d2h)
+            self.pending = (keys, values)
+        self.length += key_states.shape[2]
+        return key_states, value_states
+
+    def fetch_first(self, staging: Staging, room: int) -> None:
+        """Prefetch this layer's first offloaded group into the idle staging slot."""
+        if self.groups:
+            staging.fetch(self.host, self.groups[0], self.length, room, self.written, staging.other)
+
+    def attend(self, query: torch.Tensor, scaling: float, staging: Staging, after: OffloadLayer | None = None) -> torch.Tensor:
+        batch, q_heads, chunk, dim = query.shape
+        ratio = q_heads // self.heads
+        out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
+        g = self.gpu_heads
+        if self.resident is not None:
+            keys, values = self.resident.view()
+            out[:, : g * ratio] = causal_attention(query[:, : g * ratio], keys, values, scaling)
+        if not self.groups:
+            return out
+        new_keys, new_values = self.pending
+        past, total = self.length - chunk, self.length
+        for index, heads in enumerate(self.groups):
+            slot = staging.acquire(self.host, heads, past, total, self.written)
+            if index + 1 < len(self.groups):
+                staging.fetch(self.host, self.groups[index + 1], past, total, self.written, staging.other)
+            elif after is not None:
+                after.fetch_first(staging, total)
+            width = heads.stop - heads.start
+            keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
+            keys[:, :, past:] = new_keys[:, heads]
+            values[:, :, past:] = new_values[:, heads]
+            q = slice((g + heads.start) * ratio, (g + heads.stop) * ratio)
+            out[:, q] = causal_attention(query[:, q], keys, values, scaling)
+            staging.release(slot)
+        self.pending = None
+        return out
+
+    @property
+    def device_bytes(self) -> int:
+        return self.resident.nbytes if self.resident is not None else 0
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host.nbytes if self.host is not None else 0
+
+
+class HeadspaceCache(Cache):
+    """A transformers ``Cache`` whose layers decide where KV lives and compute attention over it."""
+
+    def __init__(self, layers: list[HeadspaceLayer], staging: Staging):
+        super().__init__(layers=layers)
+        self.staging = staging
+        self._stored: tuple[int, torch.Tensor] | None = None
+        offloaded = [i for i, layer in enumerate(layers) if isinstance(layer, OffloadLayer)]
+        self._next_offloaded = {a: b for a, b in zip(offloaded, offloaded[1:] + offloaded[:1])}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys, values = self.layers[layer_idx].update(key_states, value_states)
+        self._stored = (layer_idx, keys)
+        active_cache.set(self)
+        return keys, values
+
+    def holds(self, layer_idx: int, keys: torch.Tensor) -> bool:
+        """Whether ``keys`` are what this cache just returned for ``layer_idx``."""
+        return self._stored is not None and self._stored[0] == layer_idx and self._stored[1] is keys
+
+    def attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        self._stored = None
+        layer = self.layers[layer_idx]
+        if isinstance(layer, OffloadLayer):
+            nxt = self._next_offloaded[layer_idx]
+            return layer.attend(query, scaling, self.staging, after=self.layers[nxt])
+        return layer.attend(query, scaling, self.staging)
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate storage for ``tokens`` positions up front: one host block per layer, no growth later."""
+        for layer in self.layers:
+            if isinstance(layer, OffloadLayer):
+                layer.reserve(tokens)
+        self.staging.reserve(tokens)
+
+    @property
+    def device_kv_bytes(self) -> int:
+        return sum(layer.device_bytes for layer in self.layers) + self.staging.nbytes
+
+    @property
+    def host_kv_bytes(self) -> int:
+        return sum(layer.host_bytes for layer in self.layers)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise HeadspaceError("beam search is not supported with a headspace cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise HeadspaceError("cropping (assisted decoding) is not supported with a headspace cache")
+
+
+def offload_cache(
+    config: PretrainedConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    gpu_heads: int = 1,
+    group_heads: int = 1,
+    block_tokens: int = 16384,
+) -> HeadspaceCache:
+    """A cache that keeps ``gpu_heads`` KV heads per full layer on ``device`` and streams the rest from host memory."""
+    text = config.get_text_config(decoder=True)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if not 0 <= gpu_heads <= kv_heads:
+        raise HeadspaceError(f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
+    if group_heads < 1:
+        raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
+    transfers = Transfers(device)
+    layers: list[HeadspaceLayer] = [
+        WindowLayer(window) if window is not None else OffloadLayer(transfers, gpu_heads, group_heads, block_tokens)
+        for window in layer_windows(config)
+    ]
+    return HeadspaceCache(layers, Staging(transfers, device, dtype))

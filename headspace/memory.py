@@ -1,0 +1,65 @@
+"""Memory arithmetic: KV bytes per token and what a context needs in each mode.
+
+Used by ``headspace info`` and by the engine to refuse a context that host RAM
+cannot hold before allocating anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+import torch
+from transformers import PretrainedConfig
+
+from headspace.cache import layer_windows
+from headspace.errors import HeadspaceError
+
+
+def kv_heads_and_dim(config: PretrainedConfig) -> tuple[int, int]:
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return heads, dim
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes that ``tokens`` positions of KV need on the device and in host memory."""
+
+    tokens: int
+    kv_bytes_per_token: int
+    device_kv_bytes: int
+    host_kv_bytes: int
+
+
+def plan(config: PretrainedConfig, tokens: int, dtype: torch.dtype, mode: str = "offload",
+         gpu_heads: int = 1, group_heads: int = 1) -> MemoryPlan:
+    """KV placement for ``tokens`` positions: ``full`` keeps all on the device; ``offload`` keeps
+    ``gpu_heads`` per full layer plus a double buffer of ``group_heads`` heads there and the rest on the host."""
+    heads, dim = kv_heads_and_dim(config)
+    row = 2 * dim * dtype.itemsize  # one head, one token, keys and values
+    windows = layer_windows(config)
+    per_token = row * heads * len(windows)
+    window_bytes = sum(row * heads * min(tokens, w) for w in windows if w is not None)
+    full_layers = sum(w is None for w in windows)
+    if mode == "full":
+        return MemoryPlan(tokens, per_token, window_bytes + full_layers * row * heads * tokens, 0)
+    staging = 2 * row * min(group_heads, heads - gpu_heads) * tokens if full_layers else 0
+    device = window_bytes + full_layers * row * gpu_heads * tokens + staging
+    host = full_layers * row * (heads - gpu_heads) * tokens
+    return MemoryPlan(tokens, per_token, device, host)
+
+
+def check_host_ram(host_bytes: int, headroom: float = 0.9) -> None:
+    """Refuse before allocating when host RAM cannot hold ``host_bytes`` of KV."""
+    available = psutil.virtual_memory().available
+    if host_bytes > headroom * available:
+        raise HeadspaceError(
+            f"not enough host RAM: the offloaded KV needs {gib(host_bytes)} but only {gib(available)} is available "
+            f"(shorten the context, keep more heads on the GPU, or use an eviction mode)"
+        )
+
+
+def gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"

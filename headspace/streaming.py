@@ -1,0 +1,129 @@
+"""Copy streams and the double buffer that offloaded head groups stream through.
+
+On CUDA, host-to-device reads run on one side stream and device-to-host writes on
+another, ordered against compute with events, so that group i+1 (or the next
+layer's first group) is in flight while group i is attended. On CPU the same calls
+run synchronously: the bookkeeping, and therefore the results, are identical.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from headspace.tiers import HostKV
+
+
+class Transfers:
+    """The two copy streams of one device (none on CPU) and event helpers."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.h2d = torch.cuda.Stream(device) if self.cuda else None
+        self.d2h = torch.cuda.Stream(device) if self.cuda else None
+
+    def on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager:
+        return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+    def mark(self, stream: torch.cuda.Stream | None = None) -> torch.cuda.Event | None:
+        """An event recorded now on ``stream`` (default: the current stream)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(stream if stream is not None else torch.cuda.current_stream())
+        return event
+
+    def wait(self, event: torch.cuda.Event | None, stream: torch.cuda.Stream | None = None) -> None:
+        """Make ``stream`` (default: the current stream) wait for ``event``."""
+        if event is not None:
+            (stream if stream is not None else torch.cuda.current_stream()).wait_event(event)
+
+
+@dataclass
+class Slot:
+    """One half of the double buffer: what it holds and the events guarding it."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    tag: tuple | None = None  # (host tier id, group, tokens) of the data in it
+    ready: torch.cuda.Event | None = None  # host-to-device copy finished
+    free: torch.cuda.Event | None = None  # compute finished reading it
+
+
+class Staging:
+    """Two device buffers of ``group_heads`` heads that offloaded groups are fetched into."""
+
+    def __init__(self, transfers: Transfers, device: torch.device, dtype: torch.dtype):
+        self.transfers = transfers
+        self.device, self.dtype = device, dtype
+        self.slots: list[Slot] = []
+        self.current = 0
+        self.min_tokens = 0
+
+    def reserve(self, tokens: int) -> None:
+        """Size future buffers for ``tokens`` positions so they never grow mid-run."""
+        self.min_tokens = max(self.min_tokens, tokens)
+
+    def _ensure(self, slot_index: int, shape: tuple[int, int, int, int]) -> Slot:
+        while len(self.slots) < 2:
+            empty = torch.empty(0, device=self.device, dtype=self.dtype)
+            self.slots.append(Slot(empty, empty))
+        slot = self.slots[slot_index]
+        batch, heads, tokens, dim = shape
+        have = slot.keys.shape
+        if slot.keys.dim() != 4 or have[0] != batch or have[1] < heads or have[2] < tokens or have[3] != dim:
+            for event in (slot.ready, slot.free):  # the old buffers may still be in use on a stream
+                if event is not None:
+                    event.synchronize()
+            size = (batch, max(heads, have[1] if slot.keys.dim() == 4 else 0), max(tokens, self.min_tokens), dim)
+            slot.keys = torch.empty(size, device=self.device, dtype=self.dtype)
+            slot.values = torch.empty_like(slot.keys)
+            slot.tag = None
+        return slot
+
+    def fetch(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None, slot_index: int) -> None:
+        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``)."""
+        batch, _, dim = host.shape
+        slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
+        tag = (id(host), heads.start, tokens)
+        if slot.tag == tag:
+            return
+        h2d = self.transfers.h2d
+        self.transfers.wait(slot.free, h2d)
+        self.transfers.wait(written, h2d)
+        with self.transfers.on(h2d):
+            host.read(heads, slot.keys, slot.values, tokens)
+        slot.ready = self.transfers.mark(h2d)
+        slot.tag = tag
+
+    def acquire(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None) -> Slot:
+        """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``."""
+        tag = (id(host), heads.start, tokens)
+        index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
+        if index is None:
+            index = 1 - self.current if self.slots else 0
+            self.fetch(host, heads, tokens, room, written, index)
+        self.current = index
+        slot = self.slots[index]
+        self.transfers.wait(slot.ready)
+        if slot.keys.shape[2] < room:  # prefetched before the chunk size was known
+            keys, values = slot.keys, slot.values
+            slot.keys = torch.empty(*keys.shape[:2], room, keys.shape[3], device=self.device, dtype=self.dtype)
+            slot.values = torch.empty_like(slot.keys)
+            slot.keys[:, :, :tokens] = keys[:, :, :tokens]
+            slot.values[:, :, :tokens] = values[:, :, :tokens]
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        """All compute that reads ``slot`` has been issued; a later fetch into it waits for that."""
+        slot.free = self.transfers.mark()
+
+    @property
+    def other(self) -> int:
+        return 1 - self.current
+
+    @property
+    def nbytes(self) -> int:
+        return sum(2 * s.keys.numel() * s.keys.element_size() for s in self.slots)

@@ -1,0 +1,154 @@
+"""Storage tiers for key/value tensors: a growing device buffer and pinned host blocks.
+
+Both hold tensors laid out ``(batch, heads, tokens, head_dim)`` per key and value.
+The host tier is what makes long contexts possible: it is filled by device-to-host
+copies and read back head group by head group, so each (batch, head) row of a
+block is contiguous and every transfer is one plain ``cudaMemcpyAsync``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+
+def host_empty(shape: tuple[int, ...], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """Allocate host memory, page-locked when ``pin`` (only meaningful with CUDA).
+
+    PyTorch's pinned allocator rounds every request up to a power of two, which
+    would waste up to half of the host RAM at long contexts; registering an
+    ordinary allocation with ``cudaHostRegister`` pins exactly what is asked for.
+    """
+    tensor = torch.empty(shape, dtype=dtype)
+    if pin and tensor.numel() > 0:
+        cudart = torch.cuda.cudart()
+        nbytes = tensor.numel() * tensor.element_size()
+        err = cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with error {int(err)}")
+        weakref.finalize(tensor.untyped_storage(), cudart.cudaHostUnregister, tensor.data_ptr())
+    return tensor
+
+
+class DeviceKV:
+    """Keys and values of some heads kept on the compute device.
+
+    Capacity grows geometrically (or once, to a reserved size), so appending a
+    chunk costs amortized O(chunk) and never re-copies the cache per step.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.shape = (batch, heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.length = 0
+        self._k = self._v = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for ``tokens`` in total, copying what is stored once."""
+        if tokens <= self.capacity:
+            return
+        batch, heads, dim = self.shape
+        k = torch.empty(batch, heads, tokens, dim, dtype=self.dtype, device=self.device)
+        v = torch.empty_like(k)
+        k[:, :, : self.length] = self._k[:, :, : self.length]
+        v[:, :, : self.length] = self._v[:, :, : self.length]
+        self._k, self._v = k, v
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        new = keys.shape[2]
+        if self.length + new > self.capacity:
+            self.reserve(max(self.length + new, self.capacity * 3 // 2))
+        self._k[:, :, self.length : self.length + new] = keys
+        self._v[:, :, self.length : self.length + new] = values
+        self.length += new
+
+    def keep_last(self, tokens: int) -> None:
+        """Drop all but the newest ``tokens`` (sliding-window layers)."""
+        if self.length <= tokens:
+            return
+        start = self.length - tokens
+        self._k[:, :, :tokens] = self._k[:, :, start : self.length].clone()
+        self._v[:, :, :tokens] = self._v[:, :, start : self.length].clone()
+        self.length = tokens
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep, per (batch, head), the tokens at ``index`` ``(batch, heads, kept)`` (eviction)."""
+        kept = index.shape[-1]
+        gather = index.unsqueeze(-1).expand(-1, -1, -1, self.shape[2])
+        self._k[:, :, :kept] = self._k[:, :, : self.length].gather(2, gather)
+        self._v[:, :, :kept] = self._v[:, :, : self.length].gather(2, gather)
+        self.length = kept
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self._k.numel() * self._k.element_size()
+
+
+class HostKV:
+    """Keys and values of offloaded heads in host memory, grown in large blocks.
+
+    A block holds ``block_tokens`` consecutive positions of every offloaded head;
+    adding a block never moves the existing ones.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, pin: bool, block_tokens: int):
+        self.shape = (batch, heads, head_dim)
+        self.dtype, self.pin = dtype, pin
+        self.block_tokens = block_tokens
+        self.length = 0
+        self.blocks: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first position, keys, values)
+
+    @property
+    def capacity(self) -> int:
+        return sum(k.shape[2] for _, k, _ in self.blocks)
+
+    def reserve(self, tokens: int, at_least: int = 0) -> None:
+        """Add one block so that ``tokens`` positions fit in total; the block holds at least ``at_least``."""
+        missing = tokens - self.capacity
+        if missing <= 0:
+            return
+        batch, heads, dim = self.shape
+        size = max(missing, at_least)
+        k = host_empty((batch, heads, size, dim), self.dtype, self.pin)
+        v = host_empty((batch, heads, size, dim), self.dtype, self.pin)
+        self.blocks.append((self.capacity, k, v))
+
+    def spans(self, start: int, stop: int):
+        """Yield ``(block keys, block values, block offset, position offset, count)`` covering [start, stop)."""
+        for first, k, v in self.blocks:
+            lo, hi = max(start, first), min(stop, first + k.shape[2])
+            if lo < hi:
+                yield k, v, lo - first, lo - start, hi - lo
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append a chunk ``(batch, heads, new, dim)``; asynchronous when the source is on CUDA and pinned here."""
+        new = keys.shape[2]
+        self.reserve(self.length + new, at_least=self.block_tokens)
+        batch, heads, _ = self.shape
+        for bk, bv, at, src, count in self.spans(self.length, self.length + new):
+            for b in range(batch):
+                for h in range(heads):
+                    bk[b, h, at : at + count].copy_(keys[b, h, src : src + count], non_blocking=True)
+                    bv[b, h, at : at + count].copy_(values[b, h, src : src + count], non_blocking=True)
+        self.length += new
+
+    def read(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int) -> None:
+        """Copy positions [0, tokens) of ``heads`` into device buffers ``(batch, len(heads), >=tokens, dim)``."""
+        batch = self.shape[0]
+        for bk, bv, at, dst, count in self.spans(0, tokens):
+            for b in range(batch):
+                for i, h in enumerate(range(*heads.indices(self.shape[1]))):
+                    keys[b, i, dst : dst + count].copy_(bk[b, h, at : at + count], non_blocking=True)
+                    values[b, i, dst : dst + count].copy_(bv[b, h, at : at + count], non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(2 * k.numel() * k.element_size() for _, k, _ in self.blocks)

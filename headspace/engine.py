@@ -50,8 +50,16 @@ def _offload_cache(engine: Engine, tokens: int) -> Cache:
     return cache
 
 
+def _hf_offload_cache(engine: Engine, tokens: int) -> Cache:
+    if engine.device.type != "cuda":
+        raise HeadspaceError("hf-offload (transformers' layer-wise offloading) needs a CUDA device")
+    return DynamicCache(config=engine.model.config, offloading=True)
+
+
 register_mode(Mode("full", "sdpa", _full_cache))
 register_mode(Mode("offload", "headspace", _offload_cache))
+# transformers' own layer-wise offloading, kept as a baseline for benchmarks
+register_mode(Mode("hf-offload", "sdpa", _hf_offload_cache))
 
 
 @dataclass
@@ -187,6 +195,7 @@ class Engine:
         ids = self.encode(ids)
         total = ids.shape[1]
         self.check_length(max(total, reserve))
+        self.prompt_tokens = total  # budgeted modes resolve compression against it and tell prefill from decode
         cache = cache if cache is not None else self.new_cache(max(total, reserve))
         logits = None
         for start in range(0, total, self.chunk_size):
@@ -274,3 +283,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+# Eviction modes (locret, streamingllm, snapkv, random, offload+locret) register themselves on import.
+import headspace.budget  # noqa: E402,F401

@@ -1,0 +1,213 @@
+"""Benchmarks: peak GPU memory, prefill and decode throughput per mode and context length.
+
+Each (mode, context) cell runs a chunked prefill of random token ids and a few
+decode steps on a random-weight preset. For contexts whose full prefill would
+take too long to time, ``--synthetic-prefix`` fills the cache with random KV for
+all but the last chunk (speed and memory do not depend on the values), then runs
+the last chunk and the decode steps for real: peak memory is reached there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from headspace.cache import OffloadLayer
+from headspace.engine import Engine, kv_bytes
+from headspace.errors import HeadspaceError
+from headspace.memory import kv_heads_and_dim
+from headspace.models import random_model
+
+GIB = 2**30
+
+
+@dataclass
+class Cell:
+    """One measured (mode, context) pair; ``error`` is set instead of numbers when it could not run."""
+
+    mode: str
+    context: int
+    chunk_size: int
+    synthetic_prefix: int = 0
+    prefill_seconds: float | None = None
+    prefill_tokens_per_s: float | None = None
+    decode_steps: int = 0
+    decode_tokens_per_s: float | None = None
+    peak_gpu_bytes: int | None = None
+    weight_bytes: int | None = None
+    device_kv_bytes: int | None = None
+    host_kv_bytes: int | None = None
+    pcie_bound_tokens_per_s: float | None = None
+    error: str | None = None
+
+
+def parse_tokens(text: str) -> int:
+    """``4096``, ``32k``, ``1m`` -> tokens (k = 1024)."""
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def fill_prefix(cache, config, tokens: int, device: torch.device, dtype: torch.dtype, piece: int = 65536) -> None:
+    """Store ``tokens`` positions of random KV in every layer of ``cache`` without running the model."""
+    heads, dim = kv_heads_and_dim(config)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for layer in cache.layers:
+        for start in range(0, tokens, piece):
+            n = min(piece, tokens - start)
+            keys = torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=generator)
+            layer.update(keys, torch.randn_like(keys))
+            if isinstance(layer, OffloadLayer):
+                layer.pending = None
+
+
+def _sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) -> Cell:
+    """Prefill ``context`` tokens (the last chunk only, after a random prefix, when ``synthetic``) and decode."""
+    device, chunk = engine.device, engine.chunk_size
+    cell = Cell(engine.mode.name, context, chunk)
+    cell.weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    vocab = engine.model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
+    prefix = (context - 1) // chunk * chunk if synthetic else 0
+    cell.synthetic_prefix = prefix
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = engine.new_cache(context + decode_steps + 1)  # +1: the warm-up step
+    if prefix:
+        fill_prefix(cache, engine.model.config, prefix, device, engine.dtype)
+    start = _sync(device)
+    logits, cache = engine.prefill(ids[:, prefix:], cache=cache)
+    cell.prefill_seconds = _sync(device) - start
+    cell.prefill_tokens_per_s = (context - prefix) / cell.prefill_seconds
+    token = logits.argmax(-1, keepdim=True)
+    engine.forward(token, cache)  # first decode step: warm-up, not timed
+    start = _sync(device)
+    for _ in range(decode_steps):
+        engine.forward(token, cache)
+    cell.decode_steps = decode_steps
+    cell.decode_tokens_per_s = decode_steps / (_sync(device) - start) if decode_steps else None
+    if device.type == "cuda":
+        cell.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
+    cell.device_kv_bytes, cell.host_kv_bytes = kv_bytes(cache)
+    offloaded = [layer for layer in cache.layers if isinstance(layer, OffloadLayer) and layer.host is not None]
+    if offloaded:
+        heads, dim = kv_heads_and_dim(engine.model.config)
+        per_token = sum(layer.host.shape[1] for layer in offloaded) * 2 * dim * engine.dtype.itemsize
+        cell.pcie_bound_tokens_per_s = engine.options.get("h2d_bytes_per_s", 54e9) / (per_token * context)
+    del cache, logits
+    return cell
+
+
+def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, decode_steps: int,
+        synthetic_from: int | None, gpu_heads: int, group_heads: int, device: str | None = None) -> list[Cell]:
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(preset, device, dtype)
+    cells = []
+    for context in contexts:
+        for mode in modes:
+            engine = Engine(model, None, mode=mode, gpu_heads=gpu_heads, group_heads=group_heads,
+                            chunk_size=chunk_size, allow_beyond_positions=True)
+            synthetic = synthetic_from is not None and context >= synthetic_from
+            try:
+                cell = measure(engine, context, decode_steps, synthetic)
+            except (torch.OutOfMemoryError, RuntimeError, HeadspaceError) as error:
+                cell = Cell(mode, context, chunk_size, error=str(error).splitlines()[0][:200])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(row(cell), flush=True)
+            cells.append(cell)
+    return cells
+
+
+HEADER = (f"{'mode':<11}{'context':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'PCIe bound':>12}"
+          f"{'peak GPU GiB':>14}{'KV dev GiB':>12}{'KV host GiB':>13}  note")
+
+
+def row(cell: Cell) -> str:
+    def num(value, fmt):
+        return format(value, fmt) if value is not None else "-"
+
+    note = cell.error or (f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "")
+    return (f"{cell.mode:<11}{cell.context:>9}{num(cell.prefill_tokens_per_s, ',.0f'):>15}"
+            f"{num(cell.decode_tokens_per_s, '.2f'):>14}{num(cell.pcie_bound_tokens_per_s, '.2f'):>12}"
+            f"{num(cell.peak_gpu_bytes and cell.peak_gpu_bytes / GIB, '.2f'):>14}"
+            f"{num(cell.device_kv_bytes is not None and cell.device_kv_bytes / GIB or None, '.2f'):>12}"
+            f"{num(cell.host_kv_bytes is not None and cell.host_kv_bytes / GIB or None, '.2f'):>13}  {note}")
+
+
+def plot(cells: list[Cell], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    metrics = [("peak_gpu_bytes", "peak GPU memory (GiB)", 1 / GIB), ("prefill_tokens_per_s", "prefill tokens/s", 1),
+               ("decode_tokens_per_s", "decode tokens/s", 1)]
+    for axis, (field, label, scale) in zip(axes, metrics):
+        for mode in dict.fromkeys(c.mode for c in cells):
+            points = [(c.context, getattr(c, field) * scale) for c in cells if c.mode == mode and getattr(c, field)]
+            if points:
+                axis.plot(*zip(*points), marker="o", label=mode)
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context (tokens)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="headspace bench", description=__doc__)
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="llama-3-8b")
+    parser.add_argument("--contexts", default="32k,128k")
+    parser.add_argument("--modes", default="full,hf-offload,offload")
+    parser.add_argument("--chunk-size", type=int, default=4096)
+    parser.add_argument("--decode-steps", type=int, default=8)
+    parser.add_argument("--gpu-heads", type=int, default=0)
+    parser.add_argument("--group-heads", type=int, default=1)
+    parser.add_argument("--synthetic-from", type=parse_tokens, default=None,
+                        help="contexts at or above this use a random-KV prefix and time only the last chunk")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--json", type=Path, default=Path("bench.json"))
+    parser.add_argument("--plot", type=Path, default=None)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    contexts = [parse_tokens(c) for c in args.contexts.split(",")]
+    modes = args.modes.split(",")
+    print(HEADER, flush=True)
+    cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from,
+                args.gpu_heads, args.group_heads, args.device)
+    meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpu_heads": args.gpu_heads, "group_heads": args.group_heads}
+    args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
+    if args.plot:
+        plot(cells, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

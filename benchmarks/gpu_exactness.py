@@ -68,27 +68,36 @@ def main() -> None:
         same = all(r["same_tokens"] for r in results["tiny"] if r["model"] == name)
         print(f"tiny {name:<7} float32: worst max|diff| {worst:.2e}, same 32 greedy tokens: {same}", flush=True)
 
-    model = random_model(args.preset, device, torch.bfloat16)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (1, args.context), generator=torch.Generator().manual_seed(0)).to(device)
-    runs = {}
-    for mode in ("full", "offload"):
-        engine = Engine(model, None, mode=mode, gpu_heads=1, chunk_size=4096, allow_beyond_positions=True)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        logits, tokens = greedy(engine, ids, args.steps)
-        torch.cuda.synchronize()
-        runs[mode] = (logits.float(), tokens, time.perf_counter() - start)
-    ref, got = runs["full"][0], runs["offload"][0]
-    large = dict(preset=args.preset, context=args.context, dtype="bfloat16",
-                 max_abs_diff=(got - ref).abs().max().item(), ref_logit_std=ref.std().item(),
-                 same_argmax=bool(got.argmax() == ref.argmax()),
-                 same_tokens=runs["full"][1] == runs["offload"][1],
-                 tokens_full=runs["full"][1], tokens_offload=runs["offload"][1],
-                 seconds={m: r[2] for m, r in runs.items()})
-    results["large"] = large
-    print(f"{args.preset} bf16 at {args.context} tokens: max|diff| {large['max_abs_diff']:.3e} "
-          f"(logit std {large['ref_logit_std']:.3f}), same {args.steps} greedy tokens: {large['same_tokens']}")
+    for dtype in (torch.float32, torch.bfloat16):
+        model = random_model(args.preset, device, dtype)
+        ids = torch.randint(0, model.config.vocab_size, (1, args.context),
+                            generator=torch.Generator().manual_seed(0)).to(device)
+        runs = {}
+        # full with another chunk size measures the noise floor of the dtype: same math, other kernels' order
+        for label, mode, chunk in (("full", "full", 4096), ("full-chunk-2048", "full", 2048),
+                                   ("offload", "offload", 4096)):
+            engine = Engine(model, None, mode=mode, gpu_heads=1, chunk_size=chunk, allow_beyond_positions=True)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            logits, tokens = greedy(engine, ids, args.steps)
+            torch.cuda.synchronize()
+            runs[label] = (logits.float(), tokens, time.perf_counter() - start)
+        ref = runs["full"][0]
+        name = str(dtype).removeprefix("torch.")
+        large = dict(preset=args.preset, context=args.context, dtype=name, ref_logit_std=ref.std().item(),
+                     seconds={label: r[2] for label, r in runs.items()})
+        for label in ("full-chunk-2048", "offload"):
+            large[label] = dict(max_abs_diff=(runs[label][0] - ref).abs().max().item(),
+                                same_tokens=runs[label][1] == runs["full"][1],
+                                matching_prefix=next((i for i, (a, b) in enumerate(zip(runs[label][1], runs["full"][1]))
+                                                      if a != b), args.steps))
+            print(f"{args.preset} {name} at {args.context} tokens, {label} vs full: "
+                  f"max|diff| {large[label]['max_abs_diff']:.3e} (logit std {large['ref_logit_std']:.3f}), "
+                  f"same {args.steps} greedy tokens: {large[label]['same_tokens']} "
+                  f"(first {large[label]['matching_prefix']} equal)", flush=True)
+        results["large"][name] = large
+        del model
+        torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 

@@ -50,10 +50,9 @@ def causal_attention(
     kv_heads, length = keys.shape[1], keys.shape[2]
     if chunk == 1 and (window is None or length <= window):
         # One query sees every key: fold the query heads of each KV head into the
-        # query axis, so grouped-query attention runs as one plain SDPA call.
+        # query axis, so grouped-query attention is two matrix products.
         folded = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
-        out = F.scaled_dot_product_attention(folded, keys, values, scale=scaling)
-        return out.reshape(batch, q_heads, 1, dim)
+        return decode_attention(folded, [(keys, values)], scaling).reshape(batch, q_heads, 1, dim)
     gqa = q_heads != kv_heads
     if window is not None:
         q_pos = torch.arange(length - chunk, length, device=query.device)[:, None]
@@ -64,6 +63,41 @@ def causal_attention(
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
     bias = causal_lower_right(chunk, length)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scaling, enable_gqa=gqa)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    spans: list[tuple[torch.Tensor, torch.Tensor]],
+    scaling: float,
+    piece: int = 131072,
+) -> torch.Tensor:
+    """Attention of a few queries per KV head, ``query`` (B, Hk, R, D), over keys/values given as
+    consecutive ``spans`` of (B, Hk, n, D) tensors (one span, or the blocks of a host tier).
+
+    SDPA kernels parallelize over queries, so with one token they leave the GPU idle
+    (a 32K-key head took 0.4 ms); two matrix products saturate memory bandwidth.
+    Scores and softmax are in float32 as in flash attention, probabilities meet the
+    values in their dtype. Keys are taken ``piece`` at a time with an online softmax,
+    which bounds the float32 temporaries at long contexts.
+    """
+    out = running_max = total = None
+    for span_keys, span_values in spans:
+        for start in range(0, span_keys.shape[2], piece):
+            keys = span_keys[:, :, start : start + piece]
+            scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+            top = scores.amax(-1, keepdim=True)
+            if running_max is not None:
+                top = torch.maximum(top, running_max)
+            weights = torch.exp(scores - top)
+            part = torch.matmul(weights.to(span_values.dtype), span_values[:, :, start : start + piece]).float()
+            if out is None:
+                out, total = part, weights.sum(-1, keepdim=True)
+            else:
+                rescale = torch.exp(running_max - top)
+                out = out * rescale + part
+                total = total * rescale + weights.sum(-1, keepdim=True)
+            running_max = top
+    return (out / total).to(query.dtype)
 
 
 def headspace_attention(

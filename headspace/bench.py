@@ -76,7 +76,8 @@ def _sync(device: torch.device) -> float:
 def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) -> Cell:
     """Prefill ``context`` tokens (the last chunk only, after a random prefix, when ``synthetic``) and decode."""
     device, chunk = engine.device, engine.chunk_size
-    cell = Cell(engine.mode.name, context, chunk)
+    cpu_heads = engine.options.get("cpu_heads", 0)
+    cell = Cell(engine.mode.name + (f"/cpu{cpu_heads}" if cpu_heads else ""), context, chunk)
     cell.weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     vocab = engine.model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
@@ -105,27 +106,29 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     offloaded = [layer for layer in cache.layers if isinstance(layer, OffloadLayer) and layer.host is not None]
     if offloaded:
         heads, dim = kv_heads_and_dim(engine.model.config)
-        per_token = sum(layer.host.shape[1] for layer in offloaded) * 2 * dim * engine.dtype.itemsize
+        streamed = sum(layer.host.shape[1] - layer.cpu_heads for layer in offloaded) or 1
+        per_token = streamed * 2 * dim * engine.dtype.itemsize
         cell.pcie_bound_tokens_per_s = engine.options.get("h2d_bytes_per_s", 54e9) / (per_token * context)
     del cache, logits
     return cell
 
 
 def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, decode_steps: int,
-        synthetic_from: int | None, gpu_heads: int, group_heads: int, device: str | None = None) -> list[Cell]:
+        synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: str | None = None) -> list[Cell]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(preset, device, dtype)
     cells = []
     for context in contexts:
         for mode in modes:
-            engine = Engine(model, None, mode=mode, gpu_heads=gpu_heads, group_heads=group_heads,
-                            chunk_size=chunk_size, allow_beyond_positions=True)
+            name, _, cpu = mode.partition("/cpu")  # "offload/cpu3": 3 offloaded heads attend on the host in decode
+            engine = Engine(model, None, mode=name, gpu_heads=gpu_heads, group_heads=group_heads,
+                            chunk_size=chunk_size, allow_beyond_positions=True, cpu_heads=int(cpu or 0))
             synthetic = synthetic_from is not None and context >= synthetic_from
             try:
                 cell = measure(engine, context, decode_steps, synthetic)
             except (torch.OutOfMemoryError, RuntimeError, HeadspaceError) as error:
-                cell = Cell(mode, context, chunk_size, error=str(error).splitlines()[0][:200])
+                cell = Cell(mode, context, chunk_size, error=(str(error).splitlines() or [repr(error)])[0][:200])
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -186,7 +189,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--gpu-heads", type=int, default=0)
-    parser.add_argument("--group-heads", type=int, default=1)
+    parser.add_argument("--group-heads", type=int, default=None, help="default: automatic")
     parser.add_argument("--synthetic-from", type=parse_tokens, default=None,
                         help="contexts at or above this use a random-KV prefix and time only the last chunk")
     parser.add_argument("--device", default=None)

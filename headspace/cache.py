@@ -14,7 +14,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from headspace.attention import active_cache, causal_attention
+from headspace.attention import active_cache, causal_attention, decode_attention
 from headspace.errors import HeadspaceError
 from headspace.streaming import Staging, Transfers
 from headspace.tiers import DeviceKV, HostKV
@@ -100,13 +100,16 @@ class WindowLayer(HeadspaceLayer):
 class OffloadLayer(HeadspaceLayer):
     """A full-attention layer split by KV head between the device and host memory."""
 
-    def __init__(self, transfers: Transfers, gpu_heads: int, group_heads: int, block_tokens: int):
+    def __init__(self, transfers: Transfers, gpu_heads: int, group_heads: int, block_tokens: int,
+                 cpu_heads: int = 0):
         super().__init__()
         self.transfers = transfers
         self.gpu_heads, self.group_heads, self.block_tokens = gpu_heads, group_heads, block_tokens
+        self.cpu_heads = cpu_heads
         self.resident: DeviceKV | None = None
         self.host: HostKV | None = None
-        self.groups: list[slice] = []
+        self.groups: list[slice] = []  # all offloaded heads, streamed in prefill
+        self.decode_groups: list[slice] = []  # offloaded heads streamed in decode; the rest attend on the host
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self.written: torch.cuda.Event | None = None
         self.reserved = 0
@@ -124,6 +127,8 @@ class OffloadLayer(HeadspaceLayer):
             self.host = HostKV(batch, offloaded, dim, self.dtype, self.transfers.cuda, self.block_tokens)
             step = self.group_heads
             self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]
+            streamed = offloaded - min(self.cpu_heads, offloaded)
+            self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
         self.reserve(self.reserved)
 
     def reserve(self, tokens: int) -> None:
@@ -153,10 +158,11 @@ class OffloadLayer(HeadspaceLayer):
         self.length += key_states.shape[2]
         return key_states, value_states
 
-    def fetch_first(self, staging: Staging, room: int) -> None:
-        """Prefetch this layer's first offloaded group into the idle staging slot."""
-        if self.groups:
-            staging.fetch(self.host, self.groups[0], self.length, room, self.written, staging.other)
+    def fetch_first(self, staging: Staging, room: int, decoding: bool) -> None:
+        """Prefetch this layer's first streamed group (of decode, if ``decoding``) into the idle staging slot."""
+        groups = self.decode_groups if decoding else self.groups
+        if groups:
+            staging.fetch(self.host, groups[0], self.length, room, self.written, staging.other)
 
     def attend(self, query: torch.Tensor, scaling: float, staging: Staging, after: OffloadLayer | None = None) -> torch.Tensor:
         batch, q_heads, chunk, dim = query.shape
@@ -168,14 +174,16 @@ class OffloadLayer(HeadspaceLayer):
             out[:, : g * ratio] = causal_attention(query[:, : g * ratio], keys, values, scaling)
         if not self.groups:
             return out
+        groups = self.decode_groups if chunk == 1 else self.groups
+        host_query = self._send_query(query, ratio) if chunk == 1 and self.cpu_heads else None
         new_keys, new_values = self.pending
         past, total = self.length - chunk, self.length
-        for index, heads in enumerate(self.groups):
+        for index, heads in enumerate(groups):
             slot = staging.acquire(self.host, heads, past, total, self.written)
-            if index + 1 < len(self.groups):
-                staging.fetch(self.host, self.groups[index + 1], past, total, self.written, staging.other)
+            if index + 1 < len(groups):
+                staging.fetch(self.host, groups[index + 1], past, total, self.written, staging.other)
             elif after is not None:
-                after.fetch_first(staging, total)
+                after.fetch_first(staging, total, decoding=chunk == 1)
             width = heads.stop - heads.start
             keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
             keys[:, :, past:] = new_keys[:, heads]
@@ -183,8 +191,38 @@ class OffloadLayer(HeadspaceLayer):
             q = slice((g + heads.start) * ratio, (g + heads.stop) * ratio)
             out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
+        if host_query is not None:
+            self._attend_on_host(host_query, out, ratio, scaling)
         self.pending = None
         return out
+
+    def _send_query(self, query: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Start copying the decode query of the host-attended heads to host memory."""
+        first = (self.heads - self.cpu_heads) * ratio
+        d2h = self.transfers.d2h
+        self.transfers.wait(self.transfers.mark(), d2h)
+        with self.transfers.on(d2h):
+            host_query = query[:, first:].to("cpu", non_blocking=True)
+        return host_query, self.transfers.mark(d2h)
+
+    def _attend_on_host(self, host_query: tuple[torch.Tensor, torch.cuda.Event | None], out: torch.Tensor,
+                        ratio: int, scaling: float) -> None:
+        """Decode attention of the last ``cpu_heads`` heads where their KV lives: the host CPU.
+
+        Runs while the GPU attends the streamed groups, so the two share the work:
+        those heads' KV never crosses PCIe, only the query and the output do.
+        """
+        query, copied = host_query
+        if copied is not None:
+            copied.synchronize()  # the query, and before it this token's KV, are on the host
+        batch, _, _, dim = query.shape
+        offloaded = self.host.shape[1]
+        heads = slice(offloaded - self.cpu_heads, offloaded)
+        spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n]) for k, v, at, _, n in self.host.spans(0, self.length)]
+        folded = query.reshape(batch, self.cpu_heads, ratio, dim)
+        result = decode_attention(folded, spans, scaling, piece=32768).reshape(batch, self.cpu_heads * ratio, 1, dim)
+        first = (self.heads - self.cpu_heads) * ratio
+        out[:, first:] = result.pin_memory().to(out.device, non_blocking=True) if self.transfers.cuda else result
 
     @property
     def device_bytes(self) -> int:
@@ -252,6 +290,7 @@ def offload_cache(
     gpu_heads: int = 1,
     group_heads: int = 1,
     block_tokens: int = 16384,
+    cpu_heads: int = 0,
 ) -> HeadspaceCache:
     """A cache that keeps ``gpu_heads`` KV heads per full layer on ``device`` and streams the rest from host memory."""
     text = config.get_text_config(decoder=True)
@@ -260,9 +299,12 @@ def offload_cache(
         raise HeadspaceError(f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
+    if not 0 <= cpu_heads <= kv_heads - gpu_heads:
+        raise HeadspaceError(f"cpu_heads must be between 0 and {kv_heads - gpu_heads} (the offloaded heads), got {cpu_heads}")
     transfers = Transfers(device)
     layers: list[HeadspaceLayer] = [
-        WindowLayer(window) if window is not None else OffloadLayer(transfers, gpu_heads, group_heads, block_tokens)
+        WindowLayer(window) if window is not None
+        else OffloadLayer(transfers, gpu_heads, group_heads, block_tokens, cpu_heads)
         for window in layer_windows(config)
     ]
     return HeadspaceCache(layers, Staging(transfers, device, dtype))

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 from headspace.cache import layer_windows
 from headspace.engine import MODES, Engine, Stats
 from headspace.errors import HeadspaceError
-from headspace.memory import check_host_ram, gib, kv_heads_and_dim, plan
+from headspace.memory import check_host_ram, kv_heads_and_dim, plan
 from headspace.models import (
     PRESETS,
     SMOLLM2,
@@ -79,7 +79,6 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
         return value
 
-    parse.__name__ = f"int >= {low}"
     return parse
 
 
@@ -114,21 +113,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-heads", type=non_negative_int, default=1, metavar="N",
                         help="offload mode: KV heads per layer kept on the device (default 1)")
-    parser.add_argument("--group-heads", type=positive_int, default=1, metavar="N",
-                        help="offload mode: offloaded KV heads streamed in per step (default 1)")
+    parser.add_argument("--group-heads", type=positive_int, metavar="N",
+                        help="offload mode: offloaded KV heads streamed in per step (default: automatic)")
     parser.add_argument("--allow-beyond-positions", action="store_true",
                         help="run past the model's max_position_embeddings instead of refusing")
 
 
-def resolve_device(name: str | None) -> torch.device:
+def resolve_device(name: str | None, must_exist: bool = True) -> torch.device:
+    """``--device`` as a torch device; ``must_exist=False`` for planning (``info``) on another machine."""
     if name is None:
         return default_device()
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise HeadspaceError(f"unknown device '{name}' (examples: cpu, cuda, cuda:1)") from None
+    if not must_exist:
+        return device
     if device.type == "cuda" and not torch.cuda.is_available():
         raise HeadspaceError(f"device '{name}' requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise HeadspaceError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
 
 
@@ -188,13 +192,13 @@ def _raw_model_type(path: Path) -> str | None:
         return None
 
 
-def check_heads(config: PretrainedConfig, gpu_heads: int, group_heads: int) -> None:
-    """Refuse a head placement the model cannot have, before anything is loaded."""
+def check_heads(config: PretrainedConfig, gpu_heads: int, group_heads: int | None) -> None:
+    """Refuse a head placement the model cannot have, before anything is loaded (``group_heads`` None: automatic)."""
     heads, _ = kv_heads_and_dim(config)
     if gpu_heads > heads:
         raise HeadspaceError(f"--gpu-heads {gpu_heads} is more than the {heads} KV heads per layer this model has; "
                              f"choose 0 to {heads}")
-    if group_heads < 1:
+    if group_heads is not None and group_heads < 1:
         raise HeadspaceError(f"--group-heads must be at least 1, got {group_heads}")
 
 
@@ -249,21 +253,20 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
 def read_prompt(args: argparse.Namespace) -> tuple[str, bool]:
     """The prompt text and whether it is the built-in example."""
     if args.prompt_file is not None:
-        name = args.prompt_file
-        if name == "-":
-            text = sys.stdin.read()
+        if args.prompt_file == "-":
+            name, text = "the prompt read from standard input", sys.stdin.read()
         else:
-            path = Path(name).expanduser()
+            name, path = f"prompt file '{args.prompt_file}'", Path(args.prompt_file).expanduser()
             if not path.exists():
-                raise HeadspaceError(f"prompt file '{name}' does not exist")
+                raise HeadspaceError(f"{name} does not exist")
             if path.is_dir():
-                raise HeadspaceError(f"prompt file '{name}' is a directory")
+                raise HeadspaceError(f"{name} is a directory")
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
-                raise HeadspaceError(f"cannot read prompt file '{name}': {error}") from None
+                raise HeadspaceError(f"cannot read {name}: {error}") from None
         if not text.strip():
-            raise HeadspaceError(f"prompt file '{name}' is empty")
+            raise HeadspaceError(f"{name} is empty")
         return text, False
     if args.prompt is not None:
         if not args.prompt.strip():
@@ -273,33 +276,70 @@ def read_prompt(args: argparse.Namespace) -> tuple[str, bool]:
 
 
 class PrefillProgress:
-    """A tqdm bar over prefilled tokens, fed by the engine's ``on_chunk(done, total)``."""
+    """A tqdm bar over prefilled tokens, fed by the engine's ``on_chunk(done, total)``.
+
+    Started on entering, so its clock includes the first chunk; the total is set by the first call.
+    """
 
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
+    def __enter__(self) -> PrefillProgress:
+        self.bar = tqdm(total=None, desc="prefill", unit="tok", file=sys.stderr, dynamic_ncols=True)
+        return self
+
     def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            self.bar = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, file=sys.stderr,
-                            dynamic_ncols=True, leave=True)
+        if self.bar is None or self.bar.disable:
+            return
+        if self.bar.total != total:
+            self.bar.total = total
         self.bar.update(done - self.bar.n)
         if done >= total:
             self.close()
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.bar is not None and not self.bar.disable:
             self.bar.close()
 
-    def __enter__(self) -> PrefillProgress:
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None and self.bar is not None:
+            self.bar.leave = False  # an error follows: do not leave a half-drawn bar above it
         self.close()
 
 
-def stream_token(token: int, piece: str) -> None:
-    sys.stdout.write(piece)
-    sys.stdout.flush()
+class TokenStream:
+    """Writes generated text to stdout as tokens arrive, for ``on_token``.
+
+    Decodes the tokens so far itself rather than printing the engine's piece, and holds back
+    text that ends in an incomplete multi-byte character (decoded as U+FFFD) until the next
+    token completes it, so what is streamed is exactly the final text.
+    """
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.written = ""
+
+    def __call__(self, token: int, piece: str) -> None:
+        self.ids.append(token)
+        if self.tokenizer is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and text.startswith(self.written):
+            self._write(text[len(self.written):], text)
+
+    def finish(self, text: str | None) -> None:
+        """Write what is still held back of the final ``text``, then a newline."""
+        if text and text.startswith(self.written):
+            self._write(text[len(self.written):], text)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def _write(self, piece: str, text: str) -> None:
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        self.written = text
 
 
 def stats_dict(stats: Stats) -> dict:
@@ -326,12 +366,12 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device, dtype)
     engine = Engine(model, tokenizer, mode=args.mode, gpu_heads=args.gpu_heads, group_heads=args.group_heads,
                     chunk_size=args.chunk_size, allow_beyond_positions=args.allow_beyond_positions)
+    stream = TokenStream(tokenizer)
     with PrefillProgress() as progress:
         result = engine.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
-                                 on_token=stream_token, on_chunk=progress)
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+                                 on_token=stream, on_chunk=progress)
+    stream.finish(result.text)
     print(result.stats.summary(), file=sys.stderr, flush=True)
     if json_path is not None:
         record = {"model": args.model, "mode": args.mode, "text": result.text, "token_ids": result.token_ids,
@@ -371,7 +411,7 @@ def _cell(n: int) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    dtype = resolve_dtype(args.dtype, resolve_device(args.device))
+    dtype = resolve_dtype(args.dtype, resolve_device(args.device, must_exist=False))
     config = load_config(args.model)
     check_heads(config, args.gpu_heads, args.group_heads)
     tokens = args.context
@@ -392,7 +432,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"context       {tokens:,} tokens")
     print(f"{'mode':<13} {'device KV':<36} host KV")
     for mode, needs in plans.items():
-        placement = f"gpu_heads={args.gpu_heads}, group_heads={args.group_heads}" if mode == "offload" else ""
+        group = "auto" if args.group_heads is None else args.group_heads
+        placement = f"gpu_heads={args.gpu_heads}, group_heads={group}" if mode == "offload" else ""
         print(f"{mode:<13} {_cell(needs.device_kv_bytes):<36} {_cell(needs.host_kv_bytes):<36} {placement}".rstrip())
     print(f"host RAM      {human(psutil.virtual_memory().available)} available")
     sys.stdout.flush()

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache
 import headspace.attention  # noqa: F401  (registers the "headspace" attention function)
 from headspace.cache import HeadspaceCache, offload_cache
 from headspace.errors import HeadspaceError
-from headspace.memory import check_host_ram, gib, plan
+from headspace.memory import auto_group_heads, check_host_ram, gib, plan
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,11 @@ def _full_cache(engine: Engine, tokens: int) -> Cache:
 
 
 def _offload_cache(engine: Engine, tokens: int) -> Cache:
-    needs = plan(engine.model.config, tokens, engine.dtype, "offload", engine.gpu_heads, engine.group_heads)
-    check_host_ram(needs.host_kv_bytes)
-    cache = offload_cache(engine.model.config, engine.device, engine.dtype, engine.gpu_heads, engine.group_heads)
+    config = engine.model.config
+    group = engine.group_heads or auto_group_heads(config, tokens, engine.dtype, engine.gpu_heads)
+    check_host_ram(plan(config, tokens, engine.dtype, "offload", engine.gpu_heads, group).host_kv_bytes)
+    cache = offload_cache(config, engine.device, engine.dtype, engine.gpu_heads, group,
+                          cpu_heads=engine.options.get("cpu_heads", 0))
     cache.reserve(tokens)
     return cache
 
@@ -85,7 +87,8 @@ class Stats:
         return steps / self.decode_seconds if self.decode_seconds else 0.0
 
     def summary(self) -> str:
-        parts = [f"prefill {self.prompt_tokens} tok in {self.prefill_seconds:.2f} s ({self.prefill_tokens_per_s:,.0f} tok/s)",
+        parts = [f"prefill {self.prompt_tokens} tok in {self.prefill_seconds:.2f} s "
+                 f"({self.prefill_tokens_per_s:,.0f} tok/s)",
                  f"decode {self.new_tokens} tok at {self.decode_tokens_per_s:.1f} tok/s"]
         if self.peak_device_bytes is not None:
             parts.append(f"peak GPU {gib(self.peak_device_bytes)}")
@@ -122,7 +125,7 @@ class Engine:
         tokenizer=None,
         mode: str = "offload",
         gpu_heads: int = 1,
-        group_heads: int = 1,
+        group_heads: int | None = None,
         chunk_size: int | None = None,
         allow_beyond_positions: bool = False,
         **options,
@@ -171,13 +174,17 @@ class Engine:
     # -- running --------------------------------------------------------------------------------
     def new_cache(self, tokens: int = 0) -> Cache:
         """A cache for this mode, with room reserved for ``tokens`` positions where the mode can use it."""
-        self.model.set_attn_implementation(self.mode.attention)
+        self._use_attention()
         return self.mode.make_cache(self, tokens)
+
+    def _use_attention(self) -> None:
+        if self.model.config._attn_implementation != self.mode.attention:
+            self.model.set_attn_implementation(self.mode.attention)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One step over ``ids`` with ``cache``; the last position's logits ``(batch, vocab)``."""
-        self.model.set_attn_implementation(self.mode.attention)
+        self._use_attention()
         out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()
 

@@ -23,6 +23,21 @@ def kv_heads_and_dim(config: PretrainedConfig) -> tuple[int, int]:
     return heads, dim
 
 
+STAGING_BUDGET = 2**30
+
+
+def auto_group_heads(config: PretrainedConfig, tokens: int, dtype: torch.dtype, gpu_heads: int,
+                     budget: int = STAGING_BUDGET) -> int:
+    """The most offloaded heads per transfer group whose double buffer fits in ``budget`` bytes.
+
+    Bigger groups mean fewer, larger attention kernels (better GPU utilization in
+    prefill); at very long contexts the budget shrinks them to one head.
+    """
+    heads, dim = kv_heads_and_dim(config)
+    per_head = 2 * 2 * dim * dtype.itemsize * max(tokens, 1)  # two slots, keys and values
+    return max(1, min(heads - gpu_heads, budget // per_head))
+
+
 @dataclass
 class MemoryPlan:
     """Bytes that ``tokens`` positions of KV need on the device and in host memory."""
@@ -34,10 +49,12 @@ class MemoryPlan:
 
 
 def plan(config: PretrainedConfig, tokens: int, dtype: torch.dtype, mode: str = "offload",
-         gpu_heads: int = 1, group_heads: int = 1) -> MemoryPlan:
+         gpu_heads: int = 1, group_heads: int | None = None) -> MemoryPlan:
     """KV placement for ``tokens`` positions: ``full`` keeps all on the device; ``offload`` keeps
-    ``gpu_heads`` per full layer plus a double buffer of ``group_heads`` heads there and the rest on the host."""
+    ``gpu_heads`` per full layer plus a double buffer of ``group_heads`` heads (default: automatic)
+    there and the rest on the host."""
     heads, dim = kv_heads_and_dim(config)
+    group_heads = group_heads or auto_group_heads(config, tokens, dtype, gpu_heads)
     row = 2 * dim * dtype.itemsize  # one head, one token, keys and values
     windows = layer_windows(config)
     per_token = row * heads * len(windows)

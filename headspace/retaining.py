@@ -382,14 +382,14 @@ def retaining_loss(heads: RetainingHeads, features: torch.Tensor, targets: torch
 class ReplayBuffer:
     """Token rows (features, targets) from past sequences, kept up to ``capacity`` rows by random replacement."""
 
-    def __init__(self, capacity: int, generator: torch.Generator):
-        self.capacity, self.generator = capacity, generator
+    def __init__(self, capacity: int, generator: torch.Generator, device: torch.device | str = "cpu"):
+        self.capacity, self.generator, self.device = capacity, generator, torch.device(device)
         self.x: torch.Tensor | None = None
         self.y: torch.Tensor | None = None
         self.seen = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.to(torch.float16).cpu(), y.float().cpu()
+        x, y = x.to(self.device, torch.float16), y.to(self.device, torch.float32)
         if self.x is None:
             self.x, self.y = x[:, : self.capacity].clone(), y[:, : self.capacity].clone()
             x, y = x[:, self.capacity :], y[:, self.capacity :]
@@ -398,11 +398,12 @@ class ReplayBuffer:
             self.x, self.y = torch.cat([self.x, x[:, :room]], 1), torch.cat([self.y, y[:, :room]], 1)
             x, y = x[:, room:], y[:, room:]
         if x.shape[1]:
-            slots = torch.randint(0, self.capacity, (x.shape[1],), generator=self.generator)
+            slots = torch.randint(0, self.capacity, (x.shape[1],), generator=self.generator).to(self.device)
             self.x[:, slots], self.y[:, slots] = x, y
 
     def sample(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         index = torch.randint(0, self.x.shape[1], (min(rows, self.x.shape[1]),), generator=self.generator)
+        index = index.to(self.device)
         return self.x[:, index].float(), self.y[:, index]
 
 
@@ -422,12 +423,13 @@ def train_retaining_heads(
     config = config or TrainConfig()
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
-    heads = RetainingHeads(HeadsSpec.from_config(model.config, config.hidden))
+    device = model.device
+    heads = RetainingHeads(HeadsSpec.from_config(model.config, config.hidden)).to(device)
     optimizer = torch.optim.Adam(heads.parameters(), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * min(
             step / max(config.steps * config.updates, 1), 1.0))))
-    buffer = ReplayBuffer(config.buffer_tokens, generator)
+    buffer = ReplayBuffer(config.buffer_tokens, generator, device)
     rope = RopeInverse(model)
     model.requires_grad_(False)
     losses: list[float] = []
@@ -444,7 +446,6 @@ def train_retaining_heads(
             break
         ids = torch.as_tensor(ids).reshape(1, -1)
         x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope)
-        x, y = x.cpu(), y.cpu()
         if step == 0:
             heads.mean.copy_(x.mean(dim=1))
             heads.std.copy_(x.std(dim=1).clamp_min(1e-3))
@@ -453,7 +454,7 @@ def train_retaining_heads(
         total = 0.0
         for _ in range(config.updates):
             bx, by = buffer.sample(config.batch_tokens - fresh)
-            pick = torch.randint(0, x.shape[1], (min(fresh, x.shape[1]),), generator=generator)
+            pick = torch.randint(0, x.shape[1], (min(fresh, x.shape[1]),), generator=generator).to(device)
             bx, by = torch.cat([bx, x[:, pick].float()], 1), torch.cat([by, y[:, pick].float()], 1)
             loss = retaining_loss(heads, bx, by)
             optimizer.zero_grad(set_to_none=True)
@@ -469,7 +470,7 @@ def train_retaining_heads(
             on_step(step, losses[-1])
     if bar is not None:
         bar.close()
-    return heads.eval(), losses
+    return heads.cpu().eval(), losses
 
 
 # -- training data ----------------------------------------------------------------------------------------

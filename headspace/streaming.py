@@ -47,7 +47,7 @@ class Slot:
 
     keys: torch.Tensor
     values: torch.Tensor
-    tag: tuple | None = None  # (host tier id, group, tokens) of the data in it
+    tag: tuple | None = None  # (host tier id, first head, end head, tokens) of the data in it
     ready: torch.cuda.Event | None = None  # host-to-device copy finished
     free: torch.cuda.Event | None = None  # compute finished reading it
 
@@ -87,7 +87,7 @@ class Staging:
         """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``)."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
-        tag = (id(host), heads.start, tokens)
+        tag = (id(host), heads.start, heads.stop, tokens)
         if slot.tag == tag:
             return
         h2d = self.transfers.h2d
@@ -100,7 +100,7 @@ class Staging:
 
     def acquire(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None) -> Slot:
         """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``."""
-        tag = (id(host), heads.start, tokens)
+        tag = (id(host), heads.start, heads.stop, tokens)
         index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
         if index is None:
             index = 1 - self.current if self.slots else 0

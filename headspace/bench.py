@@ -106,8 +106,8 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     offloaded = [layer for layer in cache.layers if isinstance(layer, OffloadLayer) and layer.host is not None]
     if offloaded:
         heads, dim = kv_heads_and_dim(engine.model.config)
-        streamed = sum(layer.host.shape[1] - layer.cpu_heads for layer in offloaded) or 1
-        per_token = streamed * 2 * dim * engine.dtype.itemsize
+        # the PCIe-only bound: every offloaded head's KV crosses the bus once per token
+        per_token = sum(layer.host.shape[1] for layer in offloaded) * 2 * dim * engine.dtype.itemsize
         cell.pcie_bound_tokens_per_s = engine.options.get("h2d_bytes_per_s", 54e9) / (per_token * context)
     del cache, logits
     return cell

@@ -15,8 +15,10 @@ import json
 import time
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig
 
+from headspace.attention import chunk_attention
 from headspace.bench import parse_tokens
 from headspace.engine import Engine
 from headspace.models import random_model
@@ -48,7 +50,7 @@ def main() -> None:
     parser.add_argument("--json", default="gpu_exactness.json")
     args = parser.parse_args()
     device = torch.device("cuda")
-    results = {"tiny": [], "large": {}}
+    results = {"tiny": [], "chunk_attention_bf16": [], "large": {}}
 
     for name, config in tiny_models():
         torch.manual_seed(0)
@@ -67,6 +69,18 @@ def main() -> None:
         worst = max(r["max_abs_diff"] for r in results["tiny"] if r["model"] == name)
         same = all(r["same_tokens"] for r in results["tiny"] if r["model"] == name)
         print(f"tiny {name:<7} float32: worst max|diff| {worst:.2e}, same 32 greedy tokens: {same}", flush=True)
+
+    # the chunk attention of bf16 prefill (cuDNN, two parts merged by log-sum-exp) against float64
+    for heads, kv_heads, chunk, length in ((32, 8, 4096, 20000), (8, 1, 1000, 1500), (9, 3, 512, 513)):
+        q = torch.randn(1, heads, chunk, 128, device=device)
+        k, v = torch.randn(2, 1, kv_heads, length, 128, device=device)
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double(), v.double(), attn_mask=causal_lower_right(chunk, length), enable_gqa=True)
+        got = chunk_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 128**-0.5).double()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        results["chunk_attention_bf16"].append(dict(heads=heads, kv_heads=kv_heads, chunk=chunk, length=length,
+                                                    relative_error=rel))
+        print(f"chunk attention bf16 {heads}/{kv_heads} heads, {chunk} over {length}: rel. error {rel:.2e}")
 
     for dtype in (torch.float32, torch.bfloat16):
         model = random_model(args.preset, device, dtype)

@@ -50,7 +50,7 @@ from headspace.attention import causal_attention
 from headspace.cache import HeadspaceCache, HeadspaceLayer, WindowLayer, layer_windows
 from headspace.engine import Engine, Mode, register_mode
 from headspace.errors import HeadspaceError
-from headspace.memory import check_host_ram, plan
+from headspace.memory import auto_group_heads, check_host_ram, plan
 from headspace.policies import LocretPolicy, Policy, RandomPolicy, SnapKVPolicy, StreamingLLMPolicy
 from headspace.retaining import RetainingHeads, RopeInverse, resolve_heads
 from headspace.streaming import Staging, Transfers
@@ -299,11 +299,11 @@ def _factory(policy: str, offload: bool = False):
         if policy != "random":
             options.pop("seed", None)
         prompt = getattr(engine, "prompt_tokens", None) or tokens
+        group = engine.group_heads or auto_group_heads(engine.model.config, tokens, engine.dtype, 0)
         if offload:
-            needs = plan(engine.model.config, tokens, engine.dtype, "offload", 0, engine.group_heads)
-            check_host_ram(needs.host_kv_bytes)
+            check_host_ram(plan(engine.model.config, tokens, engine.dtype, "offload", 0, group).host_kv_bytes)
         return budget_cache(engine.model, policy, prompt_tokens=prompt, chunk_size=engine.chunk_size,
-                            offload=offload, group_heads=engine.group_heads, **options)
+                            offload=offload, group_heads=group, **options)
 
     return make_cache
 

@@ -10,6 +10,8 @@ layer's first group, is being copied in.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -246,7 +248,7 @@ class HeadspaceCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         self._stored = (layer_idx, keys)
-        active_cache.set(self)
+        active_cache.set(weakref.ref(self))
         return keys, values
 
     def holds(self, layer_idx: int, keys: torch.Tensor) -> bool:

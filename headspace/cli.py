@@ -443,6 +443,124 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train-retaining ------------------------------------------------------------------------------
+
+def add_train_retaining_parser(subparsers) -> argparse.ArgumentParser:
+    from headspace.retaining import TrainConfig
+
+    defaults = TrainConfig()
+    parser = subparsers.add_parser(
+        "train-retaining", help="train Locret retaining heads for a model (backbone frozen)",
+        description="Train one small MLP per layer that predicts each token's future attention (Locret), on "
+                    "offline text (Python stdlib docstrings, /usr/share license texts) mixed with synthetic "
+                    "needle-retrieval sequences, and save them as safetensors for --mode locret.")
+    add_model_options(parser)
+    parser.add_argument("--out", required=True, metavar="PATH", help="where to write the heads (.safetensors)")
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, metavar="N",
+                        help=f"training sequences, each followed by --updates Adam steps (default {defaults.steps})")
+    parser.add_argument("--seq-len", type=_int_at_least(16), default=defaults.seq_len, metavar="N",
+                        help=f"tokens per training sequence (default {defaults.seq_len})")
+    parser.add_argument("--lr", type=_float_in(0.0, 1.0, low_open=True), default=defaults.lr, metavar="LR",
+                        help=f"peak Adam learning rate, cosine decay (default {defaults.lr})")
+    parser.add_argument("--hidden", type=positive_int, default=defaults.hidden, metavar="N",
+                        help=f"MLP width per layer (default {defaults.hidden})")
+    parser.add_argument("--updates", type=positive_int, default=defaults.updates, metavar="N",
+                        help=f"Adam updates per sequence (default {defaults.updates})")
+    parser.add_argument("--synthetic", type=_float_in(0.0, 1.0), default=defaults.synthetic, metavar="P",
+                        help=f"share of synthetic retrieval sequences (default {defaults.synthetic})")
+    parser.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help="data and init seed")
+    return parser
+
+
+def run_train_retaining(args: argparse.Namespace) -> int:
+    from headspace.retaining import TrainConfig, train_command, train_for_model
+
+    device = resolve_device(args.device)
+    if args.dtype not in (None, "float32"):
+        raise HeadspaceError("retaining heads are trained against the float32 model: drop --dtype")
+    config = TrainConfig(steps=args.steps, seq_len=args.seq_len, lr=args.lr, hidden=args.hidden,
+                         updates=args.updates, synthetic=args.synthetic, seed=args.seed)
+    path = train_for_model(args.model, args.out, config, device=str(device), command=train_command())
+    _note(f"wrote retaining heads to {path} ({human(path.stat().st_size)})")
+    return 0
+
+
+# -- eval -----------------------------------------------------------------------------------------
+
+def _csv(kind: Callable[[str], object]) -> Callable[[str], list]:
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except (ValueError, argparse.ArgumentTypeError) as error:
+            raise argparse.ArgumentTypeError(f"'{text}': {error}") from None
+    return parse
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    from headspace.evaluation import TASKS
+
+    parser = subparsers.add_parser(
+        "eval", help="RULER-style synthetic long-context tasks, modes side by side",
+        description="Generate RULER-style tasks (needles at several depths, multi-key, multi-value, variable "
+                    "tracking, common words) and score every mode on the same prompts with greedy decoding. "
+                    "Budgeted modes run once per --compressions ratio (and --budgets size).")
+    add_model_options(parser)
+    parser.add_argument("--modes", type=_csv(str), default="full,offload,locret,streamingllm,snapkv,random",
+                        metavar="LIST", help="comma-separated modes (default full,offload,locret,streamingllm,"
+                                             "snapkv,random)")
+    parser.add_argument("--compressions", type=_csv(float), default="4,8", metavar="LIST",
+                        help="compression ratios for budgeted modes (default 4,8)")
+    parser.add_argument("--budgets", type=_csv(int), default="", metavar="LIST",
+                        help="fixed budgets (tokens per KV head) for budgeted modes, in addition")
+    parser.add_argument("--tasks", type=_csv(str), default=",".join(TASKS), metavar="LIST",
+                        help=f"default: all ({', '.join(TASKS)})")
+    parser.add_argument("--lengths", type=_csv(context_size), default="4096", metavar="LIST",
+                        help="prompt lengths in tokens (default 4096)")
+    parser.add_argument("--depths", type=_csv(float), default="0.1,0.5,0.9", metavar="LIST",
+                        help="needle depths for niah_single, 0 = start (default 0.1,0.5,0.9)")
+    parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="per cell (default 1)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S")
+    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
+                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    parser.add_argument("--stabilizer", type=non_negative_int, metavar="N", help="budgeted modes (default 64)")
+    parser.add_argument("--sink", type=non_negative_int, metavar="N", help="budgeted modes (default 4)")
+    parser.add_argument("--heads", metavar="PATH", help="retaining heads for locret (default: the shipped file)")
+    parser.add_argument("--out", default="eval.json", metavar="PATH",
+                        help="results JSON, rewritten after every run; an existing file is resumed")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
+    parser.add_argument("--heatmap", metavar="PNG", help="also draw niah_single depth x length per mode")
+    parser.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
+    parser.add_argument("--verbose", action="store_true", help="print every generation")
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from headspace.evaluation import TASKS, EvalConfig, evaluate, heatmap, mode_specs, table
+
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown:
+        raise HeadspaceError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if any(not 0 <= d <= 1 for d in args.depths):
+        raise HeadspaceError("depths must be between 0 and 1")
+    specs = mode_specs(args.modes, args.compressions, args.budgets, stabilizer=args.stabilizer, sink=args.sink,
+                       heads=args.heads)
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+    chunk = args.chunk_size or (4096 if device.type == "cuda" else 1024)
+    config = EvalConfig(tuple(args.tasks), tuple(args.lengths), tuple(args.depths), args.samples, args.seed, chunk)
+    results = evaluate(model, tokenizer, specs, config, out=args.out, resume=not args.no_resume,
+                       log=_note if args.verbose else None)
+    text = table(results["table"])
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text + "\n")
+    if args.heatmap and "niah_single" in args.tasks:
+        heatmap(results["records"], args.heatmap, [s.label for s in specs])
+        _note(f"wrote {args.heatmap}")
+    _note(f"wrote {args.out}")
+    return 0
+
+
 # -- entry point ----------------------------------------------------------------------------------
 
 Command = tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
@@ -451,6 +569,8 @@ Command = tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Names
 COMMANDS: list[Command] = [
     (add_generate_parser, run_generate),
     (add_info_parser, run_info),
+    (add_train_retaining_parser, run_train_retaining),
+    (add_eval_parser, run_eval),
 ]
 
 

@@ -24,8 +24,9 @@ Design (this module's own implementation):
   the frozen model. The ``gap`` (64) drops the next few queries: nearly every token is
   attended strongly by its immediate successors (local attention), which would make
   every token look important, while eviction only matters once a token has left the
-  stabilizer window of recent tokens that is always kept. The max is max-pooled over ``smooth`` neighbouring tokens (so spans such as
-  multi-token numbers are kept whole) and mapped to ``log(p + 1e-4)``. The last
+  stabilizer window of recent tokens that is always kept. The max is max-pooled over
+  ``smooth`` neighbouring tokens (so spans such as multi-token numbers are kept
+  whole) and mapped to ``log(p + 1e-4)``. The last
   ``tail`` positions of a training sequence are left out of the loss: too few later
   queries exist there for the max to mean anything.
 * **Loss**: smooth L1 on the log targets, averaged over layers and KV heads.

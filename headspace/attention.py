@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -63,27 +62,28 @@ def causal_attention(
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     if chunk == length:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scaling, enable_gqa=gqa)
-    if _lse_attention_supported(query):
-        return chunk_attention(query, keys, values, scaling)
-    bias = causal_lower_right(chunk, length)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias, scale=scaling, enable_gqa=gqa)
+    return chunk_attention(query, keys, values, scaling)
 
 
-def _lse_attention_supported(query: torch.Tensor) -> bool:
-    # cuDNN's attention takes half precision only; the CPU kernel takes any float type.
-    return query.device.type == "cpu" or (query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16))
+def attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                  causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and log-sum-exp of the scores per query (B, H, L), equal head counts.
 
-
-def _attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-                   causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output and log-sum-exp of the scores per query, equal head counts."""
-    if query.device.type == "cuda":
+    Uses the kernels behind SDPA that also return the log-sum-exp: cuDNN for half
+    precision on CUDA, memory-efficient attention for float32 there, the fused
+    CPU kernel otherwise.
+    """
+    if query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             query, keys, values, None, True, 0.0, causal, False, scale=scaling)[:2]
+    elif query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, keys, values, None, True, 0.0, causal, scale=scaling)[:2]
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, keys, values, 0.0, causal, scale=scaling)
-    return out, lse.reshape(query.shape[:3]).float()
+    batch, heads, length = query.shape[:3]
+    return out, lse.reshape(batch, heads, -1)[..., :length].float()  # some kernels pad the query axis
 
 
 def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -98,12 +98,12 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     kv_heads, length = keys.shape[1], keys.shape[2]
     ratio, past = q_heads // kv_heads, length - chunk
     folded = query.reshape(batch, kv_heads, ratio * chunk, dim)
-    out_past, lse_past = _attention_lse(folded, keys[:, :, :past], values[:, :, :past], scaling, causal=False)
+    out_past, lse_past = attention_lse(folded, keys[:, :, :past], values[:, :, :past], scaling, causal=False)
     out_past = out_past.reshape(batch, q_heads, chunk, dim)
     lse_past = lse_past.reshape(batch, q_heads, chunk)
     own_keys = keys[:, :, past:].repeat_interleave(ratio, dim=1)
     own_values = values[:, :, past:].repeat_interleave(ratio, dim=1)
-    out_own, lse_own = _attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
+    out_own, lse_own = attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
     top = torch.maximum(lse_past, lse_own)
     weight_past, weight_own = torch.exp(lse_past - top)[..., None], torch.exp(lse_own - top)[..., None]
     merged = (out_past.float() * weight_past + out_own.float() * weight_own) / (weight_past + weight_own)
@@ -143,6 +143,37 @@ def decode_attention(
                 total = total * rescale + weights.sum(-1, keepdim=True)
             running_max = top
     return (out / total).to(query.dtype)
+
+
+def split_decode_attention(
+    query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float, splits: int
+) -> torch.Tensor:
+    """:func:`decode_attention` for the host CPU: keys cut into ``splits`` parts run in parallel.
+
+    A fused attention kernel parallelizes over batch and heads, which a single
+    decode query of one or two heads leaves to one or two cores; cutting each span
+    into parts (flash-decoding) and merging by log-sum-exp uses them all.
+    """
+    batch, heads, ratio, dim = query.shape
+    rows = query.reshape(batch * heads, 1, ratio, dim)
+    outs, lses = [], []
+    for keys, values in spans:
+        length = keys.shape[2]
+        parts = max(1, min(splits, length // 256))
+        size = length // parts
+        pieces = [(keys[:, :, : parts * size].unflatten(2, (parts, size)).flatten(0, 1),
+                   values[:, :, : parts * size].unflatten(2, (parts, size)).flatten(0, 1))]
+        if length > parts * size:
+            pieces.append((keys[:, :, parts * size :].flatten(0, 1)[:, None],
+                           values[:, :, parts * size :].flatten(0, 1)[:, None]))
+        for piece_keys, piece_values in pieces:
+            piece_query = rows.expand(-1, piece_keys.shape[1], -1, -1).contiguous()
+            out, lse = attention_lse(piece_query, piece_keys, piece_values, scaling)
+            outs.append(out.float())
+            lses.append(lse)
+    out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # (B*H, parts, R, D), (B*H, parts, R)
+    weights = torch.softmax(lse, dim=1)[..., None]
+    return (out * weights).sum(1).reshape(batch, heads, ratio, dim).to(query.dtype)
 
 
 def headspace_attention(

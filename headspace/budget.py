@@ -8,7 +8,8 @@ included, with lower-right causality), scored by the layer's
 window (the newest ``stabilizer`` positions) and the first ``sink`` positions. So a
 layer never stores more than ``budget`` tokens between forward calls and at most
 ``budget + chunk`` during one: peak KV memory is bounded by the budget plus the
-chunk size, whatever the prompt length. Sliding-window layers keep their window
+chunk size, whatever the prompt length (once decoding starts, the chunk's room is
+released and the device store shrinks to ``budget + 16`` slots). Sliding-window layers keep their window
 semantics (a :class:`~headspace.cache.WindowLayer`, bounded by the window).
 
 Decode continues on the compressed cache and is treated like any other chunk: each
@@ -57,6 +58,7 @@ from headspace.streaming import Staging, Transfers
 from headspace.tiers import DeviceKV, HostKV
 
 POLICIES = ("locret", "streamingllm", "snapkv", "random")
+DECODE_ROOM = 16  # device slots beyond the budget kept for decode, once the prefill chunk's room is released
 OPTIONS = {"budget", "compression", "stabilizer", "sink", "heads", "window", "kernel", "seed", "decode"}
 
 
@@ -118,8 +120,10 @@ class BudgetLayer(HeadspaceLayer):
         return prompt is not None and self.length - chunk >= prompt
 
     def attend(self, query: torch.Tensor, scaling: float, staging: Staging) -> torch.Tensor:
-        keys, values = self.store.view()
         chunk = query.shape[2]
+        if self.decoding(chunk) and self.store.capacity > self.settings.budget + DECODE_ROOM:
+            self.shrink(self.settings.budget + DECODE_ROOM)
+        keys, values = self.store.view()
         exact = self.host is not None and self.host.length and (
             not self.decoding(chunk) or self.settings.decode_exact)
         if exact:
@@ -151,6 +155,14 @@ class BudgetLayer(HeadspaceLayer):
             out[:, q] = causal_attention(query[:, q], k, v, scaling)
             staging.release(slot)
         return out
+
+    def shrink(self, tokens: int) -> None:
+        """Give back the prefill chunk's room once decoding: decode appends one token per step."""
+        batch, heads, dim = self.store.shape
+        store = DeviceKV(batch, heads, dim, self.dtype, self.device)
+        store.reserve(max(tokens, self.store.length))
+        store.append(*self.store.view())
+        self.store = store
 
     # -- eviction ---------------------------------------------------------------------------------------
     def evict(self) -> None:

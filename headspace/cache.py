@@ -16,7 +16,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from headspace.attention import active_cache, causal_attention, decode_attention
+from headspace.attention import active_cache, causal_attention, split_decode_attention
 from headspace.errors import HeadspaceError
 from headspace.streaming import Staging, Transfers
 from headspace.tiers import DeviceKV, HostKV
@@ -222,7 +222,8 @@ class OffloadLayer(HeadspaceLayer):
         heads = slice(offloaded - self.cpu_heads, offloaded)
         spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n]) for k, v, at, _, n in self.host.spans(0, self.length)]
         folded = query.reshape(batch, self.cpu_heads, ratio, dim)
-        result = decode_attention(folded, spans, scaling, piece=32768).reshape(batch, self.cpu_heads * ratio, 1, dim)
+        result = split_decode_attention(folded, spans, scaling, splits=4 * torch.get_num_threads())
+        result = result.reshape(batch, self.cpu_heads * ratio, 1, dim)
         first = (self.heads - self.cpu_heads) * ratio
         out[:, first:] = result.pin_memory().to(out.device, non_blocking=True) if self.transfers.cuda else result
 

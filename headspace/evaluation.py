@@ -240,7 +240,8 @@ def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, ou
     for length in config.lengths:
         if max_positions and length + max(MAX_NEW_TOKENS.values()) > max_positions:
             raise HeadspaceError(f"length {length} plus the answer exceeds the model's {max_positions} positions")
-    results = {"config": {**asdict(config), "modes": [asdict(s) for s in specs]}, "records": []}
+    results = {"config": {**asdict(config), "modes": [asdict(s) for s in specs]}, "heads": _heads_used(model, specs),
+               "records": []}
     path = Path(out) if out is not None else None
     done: dict[tuple, dict] = {}
     if path is not None and resume and path.exists():
@@ -284,6 +285,24 @@ def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, ou
     if path is not None:
         _write(path, results)
     return results
+
+
+def _heads_used(model, specs: Sequence[ModeSpec]) -> dict:
+    """Per Locret column, which retaining heads file it used and that file's training recipe."""
+    from headspace.retaining import RetainingHeads, shipped_heads
+
+    used = {}
+    for spec in specs:
+        if "locret" not in spec.mode:
+            continue
+        heads = spec.options.get("heads")
+        if isinstance(heads, RetainingHeads):
+            used[spec.label] = {"path": None, "recipe": getattr(heads, "recipe", None)}
+            continue
+        path = heads or shipped_heads(model.config)
+        recipe = RetainingHeads.load(path).recipe if path is not None else None
+        used[spec.label] = {"path": Path(path).name if path is not None else None, "recipe": recipe}
+    return used
 
 
 def _record_key(record: dict) -> tuple:

@@ -54,7 +54,7 @@ import random
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -282,13 +282,11 @@ class Capture:
     smooth: int = 3
     tail: int = 192
     gap: int = 64
-    features: dict[int, torch.Tensor] | None = None
-    targets: dict[int, torch.Tensor] | None = None
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def __post_init__(self):
-        self.features, self.targets = {}, {}
-
-    def add(self, layer: int, query, keys, values, probs: torch.Tensor, window: int | None) -> None:
+    def add(self, layer: int, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+            probs: torch.Tensor) -> None:
         batch, q_heads, length, _ = query.shape
         kv_heads = keys.shape[1]
         later = probs.tril(-self.gap)  # p(i, t) for queries i >= t + gap
@@ -332,7 +330,7 @@ def capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     out = (probs.to(v.dtype) @ v).transpose(1, 2).contiguous()
     capture = _capture.get()
     if capture is not None and query.shape[2] == key.shape[2]:
-        capture.add(module.layer_idx, query, key, value, probs, sliding_window)
+        capture.add(module.layer_idx, query, key, value, probs)
     return out, None
 
 

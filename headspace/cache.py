@@ -166,7 +166,8 @@ class OffloadLayer(HeadspaceLayer):
         if groups:
             staging.fetch(self.host, groups[0], self.length, room, self.written, staging.other)
 
-    def attend(self, query: torch.Tensor, scaling: float, staging: Staging, after: OffloadLayer | None = None) -> torch.Tensor:
+    def attend(self, query: torch.Tensor, scaling: float, staging: Staging,
+               after: OffloadLayer | None = None) -> torch.Tensor:
         batch, q_heads, chunk, dim = query.shape
         ratio = q_heads // self.heads
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
@@ -220,7 +221,8 @@ class OffloadLayer(HeadspaceLayer):
         batch, _, _, dim = query.shape
         offloaded = self.host.shape[1]
         heads = slice(offloaded - self.cpu_heads, offloaded)
-        spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n]) for k, v, at, _, n in self.host.spans(0, self.length)]
+        spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
+                 for k, v, at, _, n in self.host.spans(0, self.length)]
         folded = query.reshape(batch, self.cpu_heads, ratio, dim)
         result = split_decode_attention(folded, spans, scaling, splits=4 * torch.get_num_threads())
         result = result.reshape(batch, self.cpu_heads * ratio, 1, dim)
@@ -299,11 +301,13 @@ def offload_cache(
     text = config.get_text_config(decoder=True)
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     if not 0 <= gpu_heads <= kv_heads:
-        raise HeadspaceError(f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
+        raise HeadspaceError(
+            f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
     if not 0 <= cpu_heads <= kv_heads - gpu_heads:
-        raise HeadspaceError(f"cpu_heads must be between 0 and {kv_heads - gpu_heads} (the offloaded heads), got {cpu_heads}")
+        raise HeadspaceError(
+            f"cpu_heads must be between 0 and {kv_heads - gpu_heads} (the offloaded heads), got {cpu_heads}")
     transfers = Transfers(device)
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None

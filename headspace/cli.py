@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from headspace import bench
 from headspace.cache import layer_windows
 from headspace.engine import MODES, Engine, Stats
 from headspace.errors import HeadspaceError
@@ -308,38 +309,16 @@ class PrefillProgress:
 
 
 class TokenStream:
-    """Writes generated text to stdout as tokens arrive, for ``on_token``.
-
-    Decodes the tokens so far itself rather than printing the engine's piece, and holds back
-    text that ends in an incomplete multi-byte character (decoded as U+FFFD) until the next
-    token completes it, so what is streamed is exactly the final text.
-    """
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.written = ""
+    """Writes the engine's text pieces to stdout as tokens arrive, for ``on_token``."""
 
     def __call__(self, token: int, piece: str) -> None:
-        self.ids.append(token)
-        if self.tokenizer is None:
-            return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if not text.endswith("\ufffd") and text.startswith(self.written):
-            self._write(text[len(self.written):], text)
-
-    def finish(self, text: str | None) -> None:
-        """Write what is still held back of the final ``text``, then a newline."""
-        if text and text.startswith(self.written):
-            self._write(text[len(self.written):], text)
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-
-    def _write(self, piece: str, text: str) -> None:
         if piece:
             sys.stdout.write(piece)
             sys.stdout.flush()
-        self.written = text
+
+    def finish(self) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
 
 
 def stats_dict(stats: Stats) -> dict:
@@ -366,12 +345,12 @@ def run_generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, device, dtype)
     engine = Engine(model, tokenizer, mode=args.mode, gpu_heads=args.gpu_heads, group_heads=args.group_heads,
                     chunk_size=args.chunk_size, allow_beyond_positions=args.allow_beyond_positions)
-    stream = TokenStream(tokenizer)
+    stream = TokenStream()
     with PrefillProgress() as progress:
         result = engine.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                  top_p=args.top_p, top_k=args.top_k, seed=args.seed, chat=args.chat,
                                  on_token=stream, on_chunk=progress)
-    stream.finish(result.text)
+    stream.finish()
     print(result.stats.summary(), file=sys.stderr, flush=True)
     if json_path is not None:
         record = {"model": args.model, "mode": args.mode, "text": result.text, "token_ids": result.token_ids,
@@ -566,11 +545,24 @@ def run_eval(args: argparse.Namespace) -> int:
 Command = tuple[Callable[..., argparse.ArgumentParser], Callable[[argparse.Namespace], int]]
 
 # (add_<name>_parser, run_<name>) for every subcommand, in the order --help lists them
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench", help="peak GPU memory and prefill/decode tokens/s per mode and context, as a table, JSON and plot",
+        description=bench.__doc__)
+    bench.add_arguments(parser)
+    return parser
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    return bench.run_from_args(args)
+
+
 COMMANDS: list[Command] = [
     (add_generate_parser, run_generate),
     (add_info_parser, run_info),
     (add_train_retaining_parser, run_train_retaining),
     (add_eval_parser, run_eval),
+    (add_bench_parser, run_bench),
 ]
 
 

@@ -45,7 +45,9 @@ def _full_cache(engine: Engine, tokens: int) -> Cache:
 def _offload_cache(engine: Engine, tokens: int) -> Cache:
     config = engine.model.config
     group = engine.group_heads or auto_group_heads(config, tokens, engine.dtype, engine.gpu_heads)
-    check_host_ram(plan(config, tokens, engine.dtype, "offload", engine.gpu_heads, group).host_kv_bytes)
+    needs = plan(config, tokens, engine.dtype, "offload", engine.gpu_heads, group)
+    # on a CPU-only run the "device" tier is host RAM too
+    check_host_ram(needs.host_kv_bytes + (needs.device_kv_bytes if engine.device.type == "cpu" else 0))
     cache = offload_cache(config, engine.device, engine.dtype, engine.gpu_heads, group,
                           cpu_heads=engine.options.get("cpu_heads", 0))
     cache.reserve(tokens)
@@ -224,7 +226,11 @@ class Engine:
         on_token: Callable[[int, str], None] | None = None,
         on_chunk: Callable[[int, int], None] | None = None,
     ) -> Generation:
-        """Prefill ``prompt`` and decode up to ``max_new_tokens`` (greedy when ``temperature`` is 0)."""
+        """Prefill ``prompt`` and decode up to ``max_new_tokens`` (greedy when ``temperature`` is 0).
+
+        ``on_token(id, piece)`` gets each token with the text it completes; the pieces add up
+        to the final text.
+        """
         if max_new_tokens < 1:
             raise HeadspaceError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         ids = self.encode(prompt, chat=chat)
@@ -241,11 +247,16 @@ class Engine:
         while True:
             token = self._pick(logits, temperature, top_p, top_k, generator)
             tokens.append(token)
+            done = token in eos or len(tokens) >= max_new_tokens
             if on_token is not None:
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else ""
-                on_token(token, text[len(text_so_far):])
-                text_so_far = text
-            if token in eos or len(tokens) >= max_new_tokens:
+                # a multi-byte character split across tokens decodes as U+FFFD until complete: hold it back
+                if done or not text.endswith("\ufffd"):
+                    on_token(token, text[len(text_so_far):])
+                    text_so_far = text
+                else:
+                    on_token(token, "")
+            if done:
                 break
             logits = self.forward(torch.tensor([[token]], device=self.device), cache)
         stats.decode_seconds = self._now() - start

@@ -54,6 +54,11 @@ def plan(config: PretrainedConfig, tokens: int, dtype: torch.dtype, mode: str = 
     ``gpu_heads`` per full layer plus a double buffer of ``group_heads`` heads (default: automatic)
     there and the rest on the host."""
     heads, dim = kv_heads_and_dim(config)
+    if mode not in ("full", "offload"):
+        raise HeadspaceError(f"memory plans exist for the modes full and offload, not '{mode}'")
+    if not 0 <= gpu_heads <= heads:
+        raise HeadspaceError(
+            f"gpu_heads must be between 0 and {heads} (the model's KV heads per layer), got {gpu_heads}")
     group_heads = group_heads or auto_group_heads(config, tokens, dtype, gpu_heads)
     row = 2 * dim * dtype.itemsize  # one head, one token, keys and values
     windows = layer_windows(config)

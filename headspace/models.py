@@ -136,7 +136,11 @@ def load_model(
             path = dequantized_dir(path)
         elif not (path / "config.json").exists():
             raise HeadspaceError(f"'{path}' has no config.json: not a Hugging Face model directory")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError, KeyError) as error:
+        raise HeadspaceError(f"cannot read the model config in '{path}' ({' '.join(str(error).split())[:160]}); "
+                             f"supported architectures: {', '.join(SUPPORTED_TYPES)}") from error
     check_supported(config)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,0 +1,287 @@
+"""Budgeted caches (Locret and baselines), offload+locret and retaining heads, on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from headspace import Engine, HeadspaceError
+from headspace.budget import BudgetLayer, budget_cache, resolve_budget
+from headspace.cache import WindowLayer
+from headspace.retaining import (
+    HeadsSpec,
+    RetainingHeads,
+    RopeInverse,
+    TrainConfig,
+    capture,
+    random_sequences,
+    resolve_heads,
+    retaining_loss,
+    train_retaining_heads,
+)
+
+VOCAB = 128
+PROMPT = 150
+CHUNK = 16
+BUDGET = 40
+STABILIZER = 8
+SINK = 2
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    fields.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**fields)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def heads(model):
+    torch.manual_seed(1)
+    return RetainingHeads(HeadsSpec.from_config(model.config, hidden=8))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+
+
+def policy_options(policy: str, heads) -> dict:
+    return {"heads": heads} if policy == "locret" else {}
+
+
+def budget_layers(cache) -> list[BudgetLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, BudgetLayer)]
+
+
+POLICIES = ["locret", "streamingllm", "snapkv", "random"]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_never_exceeded_in_prefill_and_decode(model, heads, ids, policy):
+    engine = Engine(model, mode=policy, chunk_size=CHUNK)
+    cache = budget_cache(model, policy, prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                         chunk_size=CHUNK, **policy_options(policy, heads))
+    seen = []
+
+    def check(done: int, total: int) -> None:
+        for layer in budget_layers(cache):
+            seen.append(layer.stored)
+            assert layer.stored <= BUDGET
+            assert layer.store.capacity <= BUDGET + CHUNK  # never grew past budget + chunk
+
+    engine.prefill(ids, cache=cache, on_chunk=check)
+    for token in range(5):
+        engine.forward(torch.tensor([[token]]), cache)
+        check(0, 0)
+    assert max(seen) == BUDGET
+    assert cache.get_seq_length() == PROMPT + 5
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_each_policy_keeps_exactly_the_budget_and_the_stabilizer(model, heads, ids, policy):
+    engine = Engine(model, mode=policy, chunk_size=CHUNK)
+    cache = budget_cache(model, policy, prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                         chunk_size=CHUNK, **policy_options(policy, heads))
+    engine.prefill(ids, cache=cache)
+    for layer in budget_layers(cache):
+        positions = layer.positions
+        assert positions.shape[-1] == BUDGET and layer.scores.shape == positions.shape
+        keys, values = layer.store.view()
+        assert keys.shape[2] == values.shape[2] == BUDGET
+        must = set(range(PROMPT - STABILIZER, PROMPT)) | set(range(SINK))
+        for row in positions.reshape(-1, BUDGET).tolist():
+            assert row == sorted(set(row))  # kept in position order, no duplicates
+            assert must <= set(row)
+        if policy == "streamingllm":
+            expected = list(range(SINK)) + list(range(PROMPT - (BUDGET - SINK), PROMPT))
+            assert all(row == expected for row in positions.reshape(-1, BUDGET).tolist())
+
+
+def test_kept_keys_are_the_original_keys(model, ids):
+    """Eviction moves rows without altering them: kept keys equal the full cache's keys at those positions."""
+    full = Engine(model, mode="full")
+    _, reference = full.prefill(ids)
+    engine = Engine(model, mode="random", chunk_size=CHUNK)
+    cache = budget_cache(model, "random", prompt_tokens=PROMPT, budget=PROMPT, chunk_size=CHUNK)
+    engine.prefill(ids[:, :CHUNK * 2], cache=cache)  # nothing evicted yet: identical to full over that prefix
+    layer = budget_layers(cache)[0]
+    keys, _ = layer.store.view()
+    torch.testing.assert_close(keys, reference.layers[0].keys[:, :, : CHUNK * 2], rtol=1e-5, atol=1e-5)
+    small = budget_cache(model, "random", prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                         chunk_size=CHUNK, seed=3)
+    engine.prefill(ids, cache=small)
+    layer = budget_layers(small)[0]
+    keys, _ = layer.store.view()
+    positions = layer.positions
+    index = positions.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+    gathered = reference.layers[0].keys.gather(2, index)
+    # the first chunk of each layer's keys does not depend on eviction; later ones do (different past)
+    first = positions < CHUNK
+    torch.testing.assert_close(keys[first], gathered[first], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_covering_everything_matches_full(model, heads, ids, policy):
+    full = Engine(model, mode="full", chunk_size=CHUNK).generate(ids, max_new_tokens=6, stop_on_eos=False)
+    full_logits, _ = Engine(model, mode="full", chunk_size=CHUNK).prefill(ids)
+    engine = Engine(model, mode=policy, chunk_size=CHUNK, budget=PROMPT + 8, stabilizer=STABILIZER, sink=SINK,
+                    **policy_options(policy, heads))
+    logits, _ = engine.prefill(ids)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
+    out = engine.generate(ids, max_new_tokens=6, stop_on_eos=False)
+    assert out.token_ids == full.token_ids
+
+
+def test_compression_resolves_against_the_prompt(model, ids):
+    engine = Engine(model, mode="streamingllm", chunk_size=CHUNK, compression=3, stabilizer=STABILIZER, sink=SINK)
+    _, cache = engine.prefill(ids)
+    assert cache.settings.budget == 50 == resolve_budget(PROMPT, compression=3)
+    assert all(layer.stored == 50 for layer in budget_layers(cache))
+    with pytest.raises(HeadspaceError, match="not both"):
+        resolve_budget(PROMPT, budget=10, compression=2)
+    with pytest.raises(HeadspaceError, match="at least 1"):
+        resolve_budget(PROMPT, compression=0.5)
+
+
+def test_budget_smaller_than_stabilizer_is_refused(model, ids, heads):
+    with pytest.raises(HeadspaceError, match="stabilizer"):
+        budget_cache(model, "locret", prompt_tokens=PROMPT, budget=10, stabilizer=16, sink=0, heads=heads)
+    engine = Engine(model, mode="locret", budget=20, stabilizer=16, sink=8, heads=heads)
+    with pytest.raises(HeadspaceError, match="stabilizer"):
+        engine.generate(ids, max_new_tokens=2)
+
+
+def test_unknown_options_are_refused(model, ids):
+    with pytest.raises(HeadspaceError, match="unknown option"):
+        Engine(model, mode="snapkv", budjet=10).prefill(ids)
+
+
+def test_sliding_window_layers_keep_their_window():
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         use_sliding_window=True, sliding_window=24, max_window_layers=1,
+                         layer_types=["sliding_attention", "full_attention"])
+    model = Qwen3ForCausalLM(config).eval()
+    ids = torch.randint(0, VOCAB, (1, 100))
+    engine = Engine(model, mode="streamingllm", chunk_size=CHUNK, budget=200, stabilizer=STABILIZER)
+    logits, cache = engine.prefill(ids)
+    assert isinstance(cache.layers[0], WindowLayer) and isinstance(cache.layers[1], BudgetLayer)
+    assert cache.layers[0].store.length <= 23 + CHUNK  # window - 1 past tokens plus the last chunk
+    full_logits, _ = Engine(model, mode="full").prefill(ids)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
+
+
+# -- offload+locret ------------------------------------------------------------------------------------
+def test_offload_locret_prefill_is_exact_and_keeps_evicted_tokens_on_host(model, heads, ids):
+    full_logits, _ = Engine(model, mode="full").prefill(ids)
+    engine = Engine(model, mode="offload+locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                    sink=SINK, heads=heads)
+    logits, cache = engine.prefill(ids)
+    torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
+    for layer in budget_layers(cache):
+        assert layer.stored == BUDGET and layer.host.length == PROMPT - BUDGET
+        host = torch.cat(layer.host_positions, dim=-1)
+        every = torch.cat([host, layer.positions.cpu()], dim=-1).sort(dim=-1).values
+        assert torch.equal(every, torch.arange(PROMPT).expand_as(every))  # each token in exactly one tier
+    # decode attends the device budget only: identical to locret's decode from the same (exact) prefill
+    before = [layer.host.length for layer in budget_layers(cache)]
+    engine.forward(torch.tensor([[5]]), cache)
+    assert all(layer.stored == BUDGET for layer in budget_layers(cache))
+    assert [layer.host.length for layer in budget_layers(cache)] == [n + 1 for n in before]
+
+
+def test_offload_locret_decode_budget_attends_device_tokens_only(model, heads, ids):
+    engine = Engine(model, mode="offload+locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                    sink=SINK, heads=heads)
+    _, cache = engine.prefill(ids)
+    layer = budget_layers(cache)[0]
+    seen = {}
+    original = layer.attend_with_host
+
+    def spy(*args, **kwargs):
+        seen["host"] = True
+        return original(*args, **kwargs)
+
+    layer.attend_with_host = spy
+    engine.forward(torch.tensor([[7]]), cache)
+    assert "host" not in seen
+    exact = Engine(model, mode="offload+locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                   sink=SINK, heads=heads, decode="exact")
+    _, cache = exact.prefill(ids)
+    layer = budget_layers(cache)[0]
+    original = layer.attend_with_host
+    layer.attend_with_host = spy
+    exact.forward(torch.tensor([[7]]), cache)
+    assert seen.get("host")
+
+
+def test_offload_locret_with_exact_decode_matches_full(model, heads, ids):
+    full = Engine(model, mode="full").generate(ids, max_new_tokens=8, stop_on_eos=False)
+    out = Engine(model, mode="offload+locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                 heads=heads, decode="exact").generate(ids, max_new_tokens=8, stop_on_eos=False)
+    assert out.token_ids == full.token_ids
+    assert out.stats.host_kv_bytes > 0
+
+
+# -- retaining heads -----------------------------------------------------------------------------------
+def test_rope_inverse_recovers_pre_rope_keys(model):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    x = torch.randn(1, 2, 10, 16)
+    cos, sin = model.model.rotary_emb(x, torch.arange(37, 47)[None])
+    rotated, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    torch.testing.assert_close(RopeInverse(model)(rotated, 37), x, rtol=1e-5, atol=1e-5)
+
+
+def test_capture_targets_are_max_later_attention(model):
+    ids = torch.randint(0, VOCAB, (1, 48))
+    features, targets = capture(model, ids, smooth=1, tail=0, gap=1)
+    assert features.shape == (2, 48, (4 + 2 * 2) * 16) and targets.shape == (2, 48, 2)
+    # the last token has no later query: its target is log(eps), the floor
+    assert torch.allclose(targets[:, -1], torch.log(torch.tensor(1e-4)))
+    assert (targets[:, :-1] > torch.log(torch.tensor(1e-4))).all()
+
+
+def test_training_reduces_the_loss(model):
+    config = TrainConfig(steps=25, seq_len=64, lr=3e-3, hidden=16, batch_tokens=128, buffer_tokens=512,
+                         tail=8, gap=4, updates=4)
+    held_out = next(random_sequences(VOCAB, 64, seed=99))
+    x, y = capture(model, held_out.reshape(1, -1), config.smooth, config.tail, config.gap)
+    start, _ = train_retaining_heads(model, random_sequences(VOCAB, 64), TrainConfig(**{**vars(config), "steps": 1}))
+    trained, losses = train_retaining_heads(model, random_sequences(VOCAB, 64), config)
+    with torch.no_grad():
+        before, after = float(retaining_loss(start, x, y)), float(retaining_loss(trained, x, y))
+    assert len(losses) == 25 and after < 0.7 * before
+
+
+def test_saved_heads_load_back_to_identical_scores(tmp_path, model, heads):
+    path = heads.save(tmp_path / "heads.safetensors", recipe={"steps": 1})
+    loaded = RetainingHeads.load(path, model.config)
+    assert loaded.spec == heads.spec and loaded.recipe == {"steps": 1}
+    q, k, v = torch.randn(1, 4, 12, 16), torch.randn(1, 2, 12, 16), torch.randn(1, 2, 12, 16)
+    assert torch.equal(loaded.score(1, q, k, v), heads.score(1, q, k, v))
+
+
+def test_heads_for_another_model_are_refused(tmp_path, model, heads, ids):
+    path = heads.save(tmp_path / "heads.safetensors")
+    other = tiny_llama(num_key_value_heads=4)
+    with pytest.raises(HeadspaceError, match="another model"):
+        RetainingHeads.load(path, other.config)
+    with pytest.raises(HeadspaceError, match="another model"):
+        Engine(other, mode="locret", heads=str(path), budget=100).prefill(ids)
+    with pytest.raises(HeadspaceError, match="another model"):
+        resolve_heads(heads, tiny_llama(num_hidden_layers=3).config, torch.device("cpu"))
+    with pytest.raises(HeadspaceError, match="no retaining heads ship"):
+        Engine(model, mode="locret", budget=100).prefill(ids)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(HeadspaceError):
+        RetainingHeads.load(tmp_path / "junk.safetensors")

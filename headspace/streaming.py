@@ -83,7 +83,8 @@ class Staging:
             slot.tag = None
         return slot
 
-    def fetch(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None, slot_index: int) -> None:
+    def fetch(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None,
+              slot_index: int) -> None:
         """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``)."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))

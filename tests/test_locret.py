@@ -285,3 +285,21 @@ def test_heads_for_another_model_are_refused(tmp_path, model, heads, ids):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(HeadspaceError):
         RetainingHeads.load(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned host tier, copy streams)")
+def test_offload_locret_on_cuda_streams_the_host_tier_exactly(heads, ids):
+    model = tiny_llama().to("cuda")
+    ids = ids.to("cuda")
+    full_logits, _ = Engine(model, mode="full").prefill(ids)
+    full = Engine(model, mode="full").generate(ids, max_new_tokens=8, stop_on_eos=False)
+    for group in (1, 2):
+        engine = Engine(model, mode="offload+locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                        sink=SINK, heads=heads, decode="exact", group_heads=group)
+        logits, cache = engine.prefill(ids)
+        torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
+        assert all(layer.stored == BUDGET for layer in budget_layers(cache))
+        assert engine.generate(ids, max_new_tokens=8, stop_on_eos=False).token_ids == full.token_ids
+    locret = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                    heads=heads).generate(ids, max_new_tokens=8, stop_on_eos=False)
+    assert len(locret.token_ids) == 8

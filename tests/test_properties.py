@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from headspace import Engine, HeadspaceCache, offload_cache
-from headspace.attention import causal_attention, decode_attention
+from headspace.attention import causal_attention, decode_attention, split_decode_attention
 from headspace.cache import OffloadLayer, WindowLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,6 +112,68 @@ def test_decode_attention_over_spans_and_pieces(batch, kv_heads, ratio, dim, spa
     unfolded = query.reshape(batch, kv_heads * ratio, 1, dim)
     expected = naive_attention(unfolded, keys, values, 0.5).reshape(batch, kv_heads, ratio, dim)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def naive_decode(query, keys, values, scaling):
+    """float64 softmax attention of (B, Hk, R, D) queries, each seeing every key of its KV head."""
+    scores = query.double() @ keys.double().transpose(-1, -2) * scaling
+    weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
+    return (weights / weights.sum(-1, keepdim=True)) @ values.double()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    ratio=st.integers(1, 3),
+    dim=st.sampled_from([2, 8]),
+    spans=st.lists(st.one_of(st.integers(1, 40), st.integers(250, 1400)), min_size=1, max_size=3),
+    splits=st.integers(1, 9),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_split_decode_attention_over_spans_and_parts(batch, kv_heads, ratio, dim, spans, splits, seed):
+    """The host-side decode attention: spans (host blocks) cut into parts merged by log-sum-exp."""
+    generator = torch.Generator().manual_seed(seed)
+    total = sum(spans)
+    query = torch.randn(batch, kv_heads, ratio, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, total, dim, generator=generator) * 2
+    values = torch.randn(batch, kv_heads, total, dim, generator=generator)
+    parts, start = [], 0
+    for size in spans:
+        parts.append((keys[:, :, start : start + size], values[:, :, start : start + size]))
+        start += size
+    out = split_decode_attention(query, parts, 0.5, splits)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    torch.testing.assert_close(out.double(), naive_decode(query, keys, values, 0.5), rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    prompt=st.integers(256, 1300),
+    block_tokens=st.integers(64, 700),
+    decode=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_long_host_decode_matches_naive(prompt, block_tokens, decode, seed):
+    """Decode over hundreds of host-held tokens in several blocks: streamed and host-attended heads."""
+    config = _cache_config(3, 2, [None])
+    cache = offload_cache(config, torch.device("cpu"), torch.float32, gpu_heads=0, group_heads=1,
+                          block_tokens=block_tokens, cpu_heads=2)
+    generator = torch.Generator().manual_seed(seed)
+    seen_k = seen_v = None
+    thirds = [prompt // 3, prompt // 3, prompt - 2 * (prompt // 3)]  # several writes: several host blocks
+    for chunk in thirds + [1] * decode:
+        keys, values = torch.randn(2, 1, 3, chunk, 8, generator=generator)
+        query = torch.randn(1, 6, chunk, 8, generator=generator)
+        cache.update(keys, values, 0)
+        out = cache.attend(0, query, 0.35)
+        seen_k = keys if seen_k is None else torch.cat([seen_k, keys], 2)
+        seen_v = values if seen_v is None else torch.cat([seen_v, values], 2)
+        if chunk == 1:
+            expected = naive_decode(query.reshape(1, 3, 2, 8), seen_k, seen_v, 0.35).reshape(1, 6, 1, 8)
+            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == prompt + decode
+    assert len(cache.layers[0].host.blocks) > 1 or block_tokens >= prompt + decode
 
 
 # -- the cache, without a model -------------------------------------------------------------------

@@ -109,7 +109,7 @@ def test_help_exits_zero(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
     for add_parser, _handler in cli.COMMANDS:
-        assert add_parser.__name__.removeprefix("add_").removesuffix("_parser") in out
+        assert add_parser.__name__.removeprefix("add_").removesuffix("_parser").replace("_", "-") in out
 
 
 def test_unknown_mode_and_conflicting_prompts(capsys, no_loading):

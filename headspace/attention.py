@@ -65,6 +65,11 @@ def causal_attention(
     return chunk_attention(query, keys, values, scaling)
 
 
+def accumulation(dtype: torch.dtype) -> torch.dtype:
+    """Float32 for half precision (as flash attention accumulates), the input's own type above that."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
                   causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output and log-sum-exp of the scores per query (B, H, L), equal head counts.
@@ -83,7 +88,8 @@ def attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             query, keys, values, 0.0, causal, scale=scaling)
     batch, heads, length = query.shape[:3]
-    return out, lse.reshape(batch, heads, -1)[..., :length].float()  # some kernels pad the query axis
+    # some kernels pad the query axis of the log-sum-exp
+    return out, lse.reshape(batch, heads, -1)[..., :length].to(accumulation(query.dtype))
 
 
 def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -106,7 +112,8 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     out_own, lse_own = attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
     top = torch.maximum(lse_past, lse_own)
     weight_past, weight_own = torch.exp(lse_past - top)[..., None], torch.exp(lse_own - top)[..., None]
-    merged = (out_past.float() * weight_past + out_own.float() * weight_own) / (weight_past + weight_own)
+    acc = accumulation(query.dtype)
+    merged = (out_past.to(acc) * weight_past + out_own.to(acc) * weight_own) / (weight_past + weight_own)
     return merged.to(query.dtype)
 
 
@@ -125,16 +132,17 @@ def decode_attention(
     values in their dtype. Keys are taken ``piece`` at a time with an online softmax,
     which bounds the float32 temporaries at long contexts.
     """
+    acc = accumulation(query.dtype)
     out = running_max = total = None
     for span_keys, span_values in spans:
         for start in range(0, span_keys.shape[2], piece):
             keys = span_keys[:, :, start : start + piece]
-            scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scaling
+            scores = torch.matmul(query.to(acc), keys.to(acc).transpose(-1, -2)) * scaling
             top = scores.amax(-1, keepdim=True)
             if running_max is not None:
                 top = torch.maximum(top, running_max)
             weights = torch.exp(scores - top)
-            part = torch.matmul(weights.to(span_values.dtype), span_values[:, :, start : start + piece]).float()
+            part = torch.matmul(weights.to(span_values.dtype), span_values[:, :, start : start + piece]).to(acc)
             if out is None:
                 out, total = part, weights.sum(-1, keepdim=True)
             else:
@@ -169,7 +177,7 @@ def split_decode_attention(
         for piece_keys, piece_values in pieces:
             piece_query = rows.expand(-1, piece_keys.shape[1], -1, -1).contiguous()
             out, lse = attention_lse(piece_query, piece_keys, piece_values, scaling)
-            outs.append(out.float())
+            outs.append(out.to(accumulation(query.dtype)))
             lses.append(lse)
     out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # (B*H, parts, R, D), (B*H, parts, R)
     weights = torch.softmax(lse, dim=1)[..., None]

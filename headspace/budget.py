@@ -124,7 +124,7 @@ class BudgetLayer(HeadspaceLayer):
         if self.decoding(chunk) and self.store.capacity > self.settings.budget + DECODE_ROOM:
             self.shrink(self.settings.budget + DECODE_ROOM)
         keys, values = self.store.view()
-        exact = self.host is not None and self.host.length and (
+        exact = self.host is not None and self.host.length > 0 and (
             not self.decoding(chunk) or self.settings.decode_exact)
         if exact:
             out = self.attend_with_host(query, scaling, staging, keys, values)
@@ -262,8 +262,12 @@ def budget_cache(
 ) -> HeadspaceCache:
     """A cache keeping ``budget`` tokens per KV head of each full-attention layer, chosen by ``policy``.
 
-    ``offload=True`` keeps evicted tokens in host memory (the ``offload+locret``
-    semantics in the module docstring); ``decode`` is ``"budget"`` or ``"exact"`` there.
+    ``prompt_tokens`` is the prompt's length: ``compression`` is resolved against it,
+    and positions from it on count as decode (the engine passes it; without it every
+    forward call is treated as prefill). ``offload=True`` keeps evicted tokens in host
+    memory (the ``offload+locret`` semantics in the module docstring); ``decode`` is
+    ``"budget"`` or ``"exact"`` there. Other keyword options go to the policy
+    (``heads``, ``window``, ``kernel``, ``seed``).
     """
     budget = resolve_budget(prompt_tokens, budget, compression)
     if stabilizer < 0 or sink < 0:

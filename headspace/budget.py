@@ -82,7 +82,7 @@ class BudgetLayer(HeadspaceLayer):
     """
 
     def __init__(self, index: int, policy: Policy, settings: BudgetSettings, chunk_size: int,
-                 transfers: Transfers | None = None, group_heads: int = 1, block_tokens: int = 16384):
+                 transfers: Transfers | None = None, group_heads: int = 1, block_tokens: int = 1024):
         super().__init__()
         self.index, self.policy, self.settings = index, policy, settings
         self.chunk_size = chunk_size
@@ -257,7 +257,7 @@ def budget_cache(
     offload: bool = False,
     decode: str = "budget",
     group_heads: int = 1,
-    block_tokens: int = 16384,
+    block_tokens: int | None = None,
     **policy_options,
 ) -> HeadspaceCache:
     """A cache keeping ``budget`` tokens per KV head of each full-attention layer, chosen by ``policy``.
@@ -266,7 +266,8 @@ def budget_cache(
     and positions from it on count as decode (the engine passes it; without it every
     forward call is treated as prefill). ``offload=True`` keeps evicted tokens in host
     memory (the ``offload+locret`` semantics in the module docstring); ``decode`` is
-    ``"budget"`` or ``"exact"`` there. Other keyword options go to the policy
+    ``"budget"`` or ``"exact"`` there, and host memory grows in blocks of ``block_tokens``
+    (default: what the prompt evicts plus 1024). Other keyword options go to the policy
     (``heads``, ``window``, ``kernel``, ``seed``).
     """
     budget = resolve_budget(prompt_tokens, budget, compression)
@@ -281,6 +282,8 @@ def budget_cache(
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
     settings = BudgetSettings(budget, stabilizer, sink, prompt_tokens or None, decode == "exact")
+    if block_tokens is None:  # host blocks: what the prompt will evict, plus room for decode
+        block_tokens = max(prompt_tokens - budget, 0) + 1024
     device = model.device
     transfers = Transfers(device)
     layers: list[HeadspaceLayer] = []

@@ -248,6 +248,16 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, metavar="S", help="sampling seed")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--json", metavar="PATH", help="also write text, token ids and stats to PATH as JSON")
+    eviction = parser.add_argument_group("eviction modes (locret, streamingllm, snapkv, random, offload+locret)")
+    eviction.add_argument("--budget", type=positive_int, metavar="N", help="tokens kept per KV head per layer")
+    eviction.add_argument("--compression", type=_float_in(1.0, float("inf")), metavar="X",
+                          help="prompt tokens / budget, instead of --budget (default 4)")
+    eviction.add_argument("--stabilizer", type=non_negative_int, metavar="N", help="newest tokens always kept (64)")
+    eviction.add_argument("--sink", type=non_negative_int, metavar="N", help="first tokens always kept (4)")
+    eviction.add_argument("--heads", metavar="FILE",
+                          help="retaining heads file (default: the one shipped for the model)")
+    parser.add_argument("--cpu-heads", type=non_negative_int, metavar="N",
+                        help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU")
     return parser
 
 
@@ -343,8 +353,10 @@ def run_generate(args: argparse.Namespace) -> int:
         _note("no prompt given: using the built-in example, the pass key 68142 hidden in ~4K tokens of filler")
 
     model, tokenizer = load_model(args.model, device, dtype)
+    names = ("budget", "compression", "stabilizer", "sink", "heads", "cpu_heads")
+    options = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     engine = Engine(model, tokenizer, mode=args.mode, gpu_heads=args.gpu_heads, group_heads=args.group_heads,
-                    chunk_size=args.chunk_size, allow_beyond_positions=args.allow_beyond_positions)
+                    chunk_size=args.chunk_size, allow_beyond_positions=args.allow_beyond_positions, **options)
     stream = TokenStream()
     with PrefillProgress() as progress:
         result = engine.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

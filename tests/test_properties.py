@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -87,6 +88,17 @@ def test_causal_attention_matches_naive_float32(args):
 
 
 @settings(max_examples=150, deadline=None)
+def decode_inputs(batch, kv_heads, ratio, dim, spans, seed, key_scale):
+    """A decode query and keys/values, also cut into consecutive ``spans`` as a host tier holds them."""
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, kv_heads, ratio, dim, generator=generator)
+    keys = torch.randn(batch, kv_heads, sum(spans), dim, generator=generator) * key_scale
+    values = torch.randn(batch, kv_heads, sum(spans), dim, generator=generator)
+    bounds = [0, *itertools.accumulate(spans)]
+    parts = [(keys[:, :, lo:hi], values[:, :, lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    return query, keys, values, parts
+
+
 @given(
     batch=st.integers(1, 2),
     kv_heads=st.integers(1, 3),
@@ -98,15 +110,7 @@ def test_causal_attention_matches_naive_float32(args):
 )
 def test_decode_attention_over_spans_and_pieces(batch, kv_heads, ratio, dim, spans, piece, seed):
     """One query per query head over keys split into spans (host blocks) and pieces (online softmax)."""
-    generator = torch.Generator().manual_seed(seed)
-    total = sum(spans)
-    query = torch.randn(batch, kv_heads, ratio, dim, generator=generator)
-    keys = torch.randn(batch, kv_heads, total, dim, generator=generator) * 3
-    values = torch.randn(batch, kv_heads, total, dim, generator=generator)
-    parts, start = [], 0
-    for size in spans:
-        parts.append((keys[:, :, start : start + size], values[:, :, start : start + size]))
-        start += size
+    query, keys, values, parts = decode_inputs(batch, kv_heads, ratio, dim, spans, seed, key_scale=3)
     out = decode_attention(query, parts, 0.5, piece=piece)
     assert out.shape == query.shape and out.dtype == query.dtype
     unfolded = query.reshape(batch, kv_heads * ratio, 1, dim)
@@ -133,15 +137,7 @@ def naive_decode(query, keys, values, scaling):
 )
 def test_split_decode_attention_over_spans_and_parts(batch, kv_heads, ratio, dim, spans, splits, seed):
     """The host-side decode attention: spans (host blocks) cut into parts merged by log-sum-exp."""
-    generator = torch.Generator().manual_seed(seed)
-    total = sum(spans)
-    query = torch.randn(batch, kv_heads, ratio, dim, generator=generator)
-    keys = torch.randn(batch, kv_heads, total, dim, generator=generator) * 2
-    values = torch.randn(batch, kv_heads, total, dim, generator=generator)
-    parts, start = [], 0
-    for size in spans:
-        parts.append((keys[:, :, start : start + size], values[:, :, start : start + size]))
-        start += size
+    query, keys, values, parts = decode_inputs(batch, kv_heads, ratio, dim, spans, seed, key_scale=2)
     out = split_decode_attention(query, parts, 0.5, splits)
     assert out.shape == query.shape and out.dtype == query.dtype
     torch.testing.assert_close(out.double(), naive_decode(query, keys, values, 0.5), rtol=1e-5, atol=1e-5)

@@ -35,6 +35,16 @@ def layer_windows(config: PretrainedConfig) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
+def check_gpu_heads(config: PretrainedConfig, gpu_heads: int) -> int:
+    """Refuse a ``gpu_heads`` the model cannot have; returns its KV heads per layer."""
+    text = config.get_text_config(decoder=True)
+    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if not 0 <= gpu_heads <= kv_heads:
+        raise HeadspaceError(
+            f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
+    return kv_heads
+
+
 class HeadspaceLayer(CacheLayerMixin):
     """Common bookkeeping: ``length`` counts every position seen, stored or not."""
 
@@ -119,8 +129,6 @@ class OffloadLayer(HeadspaceLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
-        if self.gpu_heads > heads:
-            raise HeadspaceError(f"gpu_heads={self.gpu_heads} but the model has only {heads} KV heads per layer")
         self.heads = heads
         if self.gpu_heads:
             self.resident = DeviceKV(batch, self.gpu_heads, dim, self.dtype, self.device)
@@ -298,11 +306,7 @@ def offload_cache(
     cpu_heads: int = 0,
 ) -> HeadspaceCache:
     """A cache that keeps ``gpu_heads`` KV heads per full layer on ``device`` and streams the rest from host memory."""
-    text = config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    if not 0 <= gpu_heads <= kv_heads:
-        raise HeadspaceError(
-            f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
+    kv_heads = check_gpu_heads(config, gpu_heads)
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
     if not 0 <= cpu_heads <= kv_heads - gpu_heads:

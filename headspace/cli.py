@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from headspace import bench
 from headspace.cache import layer_windows
-from headspace.engine import MODES, Engine, Stats
+from headspace.engine import MODES, Engine, Stats, check_positions, max_positions
 from headspace.errors import HeadspaceError
 from headspace.memory import check_host_ram, kv_heads_and_dim, plan
 from headspace.models import (
@@ -201,17 +201,6 @@ def check_heads(config: PretrainedConfig, gpu_heads: int, group_heads: int | Non
                              f"choose 0 to {heads}")
     if group_heads is not None and group_heads < 1:
         raise HeadspaceError(f"--group-heads must be at least 1, got {group_heads}")
-
-
-def max_positions(config: PretrainedConfig) -> int | None:
-    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-
-
-def check_positions(config: PretrainedConfig, tokens: int, allow: bool) -> None:
-    limit = max_positions(config)
-    if limit and tokens > limit and not allow:
-        raise HeadspaceError(f"{tokens:,} tokens exceed the model's {limit:,} positions; use a shorter context "
-                             f"or pass --allow-beyond-positions to run anyway")
 
 
 def weight_count(config: PretrainedConfig) -> int:

@@ -13,13 +13,26 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
 import headspace.attention  # noqa: F401  (registers the "headspace" attention function)
 from headspace.cache import HeadspaceCache, offload_cache
 from headspace.errors import HeadspaceError
 from headspace.memory import auto_group_heads, check_host_ram, gib, plan
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def check_positions(config: PretrainedConfig, tokens: int, allow: bool) -> None:
+    """Refuse ``tokens`` beyond the model's positions unless ``allow`` (the model may still cope, e.g. RoPE scaling)."""
+    limit = max_positions(config)
+    if limit and tokens > limit and not allow:
+        raise HeadspaceError(
+            f"{tokens:,} tokens exceed the model's {limit:,} positions; shorten the input or pass "
+            f"allow_beyond_positions=True (--allow-beyond-positions) to run anyway")
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,6 @@ class Engine:
             raise HeadspaceError(f"chunk_size must be positive, got {self.chunk_size}")
         self.allow_beyond_positions = allow_beyond_positions
         self.options = options
-        self.max_positions = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
 
     # -- inputs ---------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int] | torch.Tensor, chat: bool = False) -> torch.Tensor:
@@ -168,10 +180,7 @@ class Engine:
         return ids.to(self.device)
 
     def check_length(self, tokens: int) -> None:
-        if self.max_positions and tokens > self.max_positions and not self.allow_beyond_positions:
-            raise HeadspaceError(
-                f"{tokens} tokens exceed the model's {self.max_positions} positions; shorten the input or pass "
-                f"allow_beyond_positions=True (--allow-beyond-positions) to run anyway")
+        check_positions(self.model.config, tokens, self.allow_beyond_positions)
 
     # -- running --------------------------------------------------------------------------------
     def new_cache(self, tokens: int = 0) -> Cache:

@@ -12,7 +12,7 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from headspace.cache import layer_windows
+from headspace.cache import check_gpu_heads, layer_windows
 from headspace.errors import HeadspaceError
 
 
@@ -56,9 +56,7 @@ def plan(config: PretrainedConfig, tokens: int, dtype: torch.dtype, mode: str = 
     heads, dim = kv_heads_and_dim(config)
     if mode not in ("full", "offload"):
         raise HeadspaceError(f"memory plans exist for the modes full and offload, not '{mode}'")
-    if not 0 <= gpu_heads <= heads:
-        raise HeadspaceError(
-            f"gpu_heads must be between 0 and {heads} (the model's KV heads per layer), got {gpu_heads}")
+    check_gpu_heads(config, gpu_heads)
     group_heads = group_heads or auto_group_heads(config, tokens, dtype, gpu_heads)
     row = 2 * dim * dtype.itemsize  # one head, one token, keys and values
     windows = layer_windows(config)

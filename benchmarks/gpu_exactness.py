@@ -2,8 +2,11 @@
 
 1. Tiny random models in float32 on the GPU, several head splits and chunk sizes:
    a race between the copy streams and compute would show up as a difference.
-2. Llama-3-8B architecture, random weights, bf16, at a long context: last-token
-   logits and greedy tokens of ``offload`` against ``full``.
+2. Llama-3-8B architecture, random weights, at a long context, in float32 and in
+   bf16 (the same weights rounded): last-token logits and greedy tokens of
+   ``offload`` against ``full``, and of every bf16 run against float32 ``full``
+   fed the same tokens, which shows whether ``offload`` moves bf16 any further
+   from exact arithmetic than ``full`` does.
 
 Prints a table and writes JSON (``--json``).
 """
@@ -32,14 +35,30 @@ def tiny_models():
                                      layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 
-def greedy(engine: Engine, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int]]:
+def greedy(engine: Engine, ids: torch.Tensor, steps: int) -> tuple[torch.Tensor, list[int], list[torch.Tensor]]:
+    """Prefill logits, ``steps`` greedy tokens, and the logits each token was picked from."""
     logits, cache = engine.prefill(ids, reserve=ids.shape[1] + steps)
-    first, tokens = logits, []
+    first, tokens, seen = logits, [], []
     for _ in range(steps):
+        seen.append(logits.float())
         token = int(logits.argmax(-1))
         tokens.append(token)
         logits = engine.forward(torch.tensor([[token]], device=ids.device), cache)
-    return first, tokens
+    return first, tokens, seen
+
+
+def forced(engine: Engine, ids: torch.Tensor, tokens: list[int]) -> list[torch.Tensor]:
+    """Last-token logits after the prompt and after each of ``tokens`` fed in turn (teacher forcing)."""
+    logits, cache = engine.prefill(ids, reserve=ids.shape[1] + len(tokens))
+    out = [logits.float()]
+    for token in tokens[:-1]:
+        out.append(engine.forward(torch.tensor([[token]], device=ids.device), cache).float())
+    return out
+
+
+def matching(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def main() -> None:
@@ -56,13 +75,13 @@ def main() -> None:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device).eval()
         ids = torch.randint(0, 256, (1, 1000), device=device)
-        ref, ref_tokens = greedy(Engine(model, None, mode="full", chunk_size=1000), ids, 32)
+        ref, ref_tokens, _ = greedy(Engine(model, None, mode="full", chunk_size=1000), ids, 32)
         for gpu_heads in (0, 1, 4):
             for group_heads in (1, 2):
                 for chunk in (7, 128, 1000):
                     engine = Engine(model, None, mode="offload", gpu_heads=gpu_heads, group_heads=group_heads,
                                     chunk_size=chunk)
-                    got, tokens = greedy(engine, ids, 32)
+                    got, tokens, _ = greedy(engine, ids, 32)
                     diff = (got - ref).abs().max().item()
                     results["tiny"].append(dict(model=name, gpu_heads=gpu_heads, group_heads=group_heads,
                                                 chunk=chunk, max_abs_diff=diff, same_tokens=tokens == ref_tokens))
@@ -82,10 +101,14 @@ def main() -> None:
                                                     relative_error=rel))
         print(f"chunk attention bf16 {heads}/{kv_heads} heads, {chunk} over {length}: rel. error {rel:.2e}")
 
+    torch.manual_seed(0)
+    model = random_model(args.preset, device, torch.float32)
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    reference = None  # float32 full: logits along its own greedy path
     for dtype in (torch.float32, torch.bfloat16):
-        model = random_model(args.preset, device, dtype)
-        ids = torch.randint(0, model.config.vocab_size, (1, args.context),
-                            generator=torch.Generator().manual_seed(0)).to(device)
+        for param in model.parameters():  # the same weights, rounded (buffers such as RoPE's stay float32)
+            param.data = param.data.to(dtype)
         runs = {}
         # full with another chunk size measures the noise floor of the dtype: same math, other kernels' order
         for label, mode, chunk in (("full", "full", 4096), ("full-chunk-2048", "full", 2048),
@@ -93,9 +116,13 @@ def main() -> None:
             engine = Engine(model, None, mode=mode, gpu_heads=1, chunk_size=chunk, allow_beyond_positions=True)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            logits, tokens = greedy(engine, ids, args.steps)
+            logits, tokens, seen = greedy(engine, ids, args.steps)
             torch.cuda.synchronize()
-            runs[label] = (logits.float(), tokens, time.perf_counter() - start)
+            runs[label] = (logits.float(), tokens, time.perf_counter() - start, seen)
+            if dtype == torch.bfloat16:
+                runs[label] += (forced(engine, ids, reference[1]),)
+        if reference is None:
+            reference = (runs["full"][3], runs["full"][1])
         ref = runs["full"][0]
         name = str(dtype).removeprefix("torch.")
         large = dict(preset=args.preset, context=args.context, dtype=name, ref_logit_std=ref.std().item(),
@@ -103,15 +130,29 @@ def main() -> None:
         for label in ("full-chunk-2048", "offload"):
             large[label] = dict(max_abs_diff=(runs[label][0] - ref).abs().max().item(),
                                 same_tokens=runs[label][1] == runs["full"][1],
-                                matching_prefix=next((i for i, (a, b) in enumerate(zip(runs[label][1], runs["full"][1]))
-                                                      if a != b), args.steps))
+                                matching_prefix=matching(runs[label][1], runs["full"][1]))
             print(f"{args.preset} {name} at {args.context} tokens, {label} vs full: "
                   f"max|diff| {large[label]['max_abs_diff']:.3e} (logit std {large['ref_logit_std']:.3f}), "
                   f"same {args.steps} greedy tokens: {large[label]['same_tokens']} "
                   f"(first {large[label]['matching_prefix']} equal)", flush=True)
+        if dtype == torch.bfloat16:
+            # each bf16 run against float32 full, fed the float32 greedy tokens (teacher forcing), so every
+            # step compares logits of the same context
+            large["against_float32"] = {}
+            for label, run in runs.items():
+                steps = list(zip(run[4], reference[0]))
+                against = dict(max_abs_diff=max((a - b).abs().max().item() for a, b in steps),
+                               mean_abs_diff=sum((a - b).abs().mean().item() for a, b in steps) / len(steps),
+                               same_argmax_steps=sum(int(a.argmax() == b.argmax()) for a, b in steps),
+                               steps=len(steps), greedy_prefix_equal=matching(run[1], reference[1]))
+                large["against_float32"][label] = against
+                print(f"{args.preset} bf16 {label:<16} vs float32 full: max|diff| {against['max_abs_diff']:.3f}, "
+                      f"mean |diff| {against['mean_abs_diff']:.4f}, same argmax in {against['same_argmax_steps']}"
+                      f"/{against['steps']} forced steps, free-running greedy equal for "
+                      f"{against['greedy_prefix_equal']} tokens", flush=True)
         results["large"][name] = large
-        del model
-        torch.cuda.empty_cache()
+    del model
+    torch.cuda.empty_cache()
     with open(args.json, "w") as f:
         json.dump(results, f, indent=1)
 

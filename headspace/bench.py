@@ -18,10 +18,9 @@ from pathlib import Path
 
 import torch
 
-from headspace.cache import OffloadLayer
+from headspace.cache import OffloadLayer, kv_heads_and_dim
 from headspace.engine import Engine, kv_bytes
 from headspace.errors import HeadspaceError
-from headspace.memory import kv_heads_and_dim
 from headspace.models import random_model
 
 GIB = 2**30
@@ -35,6 +34,7 @@ class Cell:
     context: int
     chunk_size: int
     synthetic_prefix: int = 0
+    setup_seconds: float | None = None  # building the cache: allocating (and pinning) its memory
     prefill_seconds: float | None = None
     prefill_tokens_per_s: float | None = None
     decode_steps: int = 0
@@ -86,7 +86,9 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    start = _sync(device)
     cache = engine.new_cache(context + decode_steps + 1)  # +1: the warm-up step
+    cell.setup_seconds = _sync(device) - start
     if prefix:
         fill_prefix(cache, engine.model.config, prefix, device, engine.dtype)
     start = _sync(device)
@@ -113,12 +115,23 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     return cell
 
 
+def warm_up(engine: Engine) -> None:
+    """Prefill two chunks and decode a step, so that one-time costs (CUDA context, kernel loading,
+    cuBLAS handles) are not charged to the first measured cell. Kernel choices that depend on the
+    context length (cuDNN builds a plan for each new key length) stay in the measurement."""
+    vocab = engine.model.config.get_text_config(decoder=True).vocab_size
+    ids = torch.randint(0, vocab, (1, 2 * engine.chunk_size), generator=torch.Generator().manual_seed(1))
+    logits, cache = engine.prefill(ids.to(engine.device))
+    engine.forward(logits.argmax(-1, keepdim=True), cache)
+    del cache
+
+
 def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, decode_steps: int,
         synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: str | None = None) -> list[Cell]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(preset, device, dtype)
-    cells = []
+    cells, warm = [], set()
     for context in contexts:
         for mode in modes:
             name, _, cpu = mode.partition("/cpu")  # "offload/cpu3": 3 offloaded heads attend on the host in decode
@@ -126,6 +139,9 @@ def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, dec
                             chunk_size=chunk_size, allow_beyond_positions=True, cpu_heads=int(cpu or 0))
             synthetic = synthetic_from is not None and context >= synthetic_from
             try:
+                if mode not in warm:
+                    warm_up(engine)
+                    warm.add(mode)
                 cell = measure(engine, context, decode_steps, synthetic)
             except (torch.OutOfMemoryError, RuntimeError, HeadspaceError) as error:
                 cell = Cell(mode, context, chunk_size, error=(str(error).splitlines() or [repr(error)])[0][:200])
@@ -137,7 +153,7 @@ def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, dec
     return cells
 
 
-HEADER = (f"{'mode':<11}{'context':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'PCIe bound':>12}"
+HEADER = (f"{'mode':<11}{'context':>9}{'setup s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'PCIe bound':>12}"
           f"{'peak GPU GiB':>14}{'KV dev GiB':>12}{'KV host GiB':>13}  note")
 
 
@@ -146,7 +162,8 @@ def row(cell: Cell) -> str:
         return format(value, fmt) if value is not None else "-"
 
     note = cell.error or (f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "")
-    return (f"{cell.mode:<11}{cell.context:>9}{num(cell.prefill_tokens_per_s, ',.0f'):>15}"
+    return (f"{cell.mode:<11}{cell.context:>9}{num(cell.setup_seconds, '.2f'):>9}"
+            f"{num(cell.prefill_tokens_per_s, ',.0f'):>15}"
             f"{num(cell.decode_tokens_per_s, '.2f'):>14}{num(cell.pcie_bound_tokens_per_s, '.2f'):>12}"
             f"{num(cell.peak_gpu_bytes and cell.peak_gpu_bytes / GIB, '.2f'):>14}"
             f"{num(cell.device_kv_bytes is not None and cell.device_kv_bytes / GIB or None, '.2f'):>12}"

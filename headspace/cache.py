@@ -10,7 +10,9 @@ layer's first group, is being copied in.
 
 from __future__ import annotations
 
+import functools
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from transformers import PretrainedConfig
@@ -35,10 +37,17 @@ def layer_windows(config: PretrainedConfig) -> list[int | None]:
     return [window if kind == "sliding_attention" else None for kind in types]
 
 
+def kv_heads_and_dim(config: PretrainedConfig) -> tuple[int, int]:
+    """KV heads per layer and their size."""
+    text = config.get_text_config(decoder=True)
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return heads, dim
+
+
 def check_gpu_heads(config: PretrainedConfig, gpu_heads: int) -> int:
     """Refuse a ``gpu_heads`` the model cannot have; returns its KV heads per layer."""
-    text = config.get_text_config(decoder=True)
-    kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    kv_heads, _ = kv_heads_and_dim(config)
     if not 0 <= gpu_heads <= kv_heads:
         raise HeadspaceError(
             f"gpu_heads must be between 0 and {kv_heads} (the model's KV heads per layer), got {gpu_heads}")
@@ -112,37 +121,57 @@ class WindowLayer(HeadspaceLayer):
 class OffloadLayer(HeadspaceLayer):
     """A full-attention layer split by KV head between the device and host memory."""
 
-    def __init__(self, transfers: Transfers, gpu_heads: int, group_heads: int, block_tokens: int,
-                 cpu_heads: int = 0):
+    def __init__(self, transfers: Transfers, device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int,
+                 gpu_heads: int, group_heads: int, block_tokens: int, cpu_heads: int = 0):
         super().__init__()
         self.transfers = transfers
+        self.device, self.dtype, self.heads, self.head_dim = device, dtype, kv_heads, head_dim
         self.gpu_heads, self.group_heads, self.block_tokens = gpu_heads, group_heads, block_tokens
         self.cpu_heads = cpu_heads
+        self.batch: int | None = None  # storage is allocated for this batch size
         self.resident: DeviceKV | None = None
         self.host: HostKV | None = None
-        self.groups: list[slice] = []  # all offloaded heads, streamed in prefill
-        self.decode_groups: list[slice] = []  # offloaded heads streamed in decode; the rest attend on the host
+        offloaded, step = kv_heads - gpu_heads, group_heads
+        self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]  # streamed in prefill
+        streamed = offloaded - min(cpu_heads, offloaded)  # in decode; the other offloaded heads attend on the host
+        self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the
+        # positions before the latest chunk only need the older ones, so they need not wait for this layer's KV.
         self.written: torch.cuda.Event | None = None
+        self.settled: torch.cuda.Event | None = None
         self.reserved = 0
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        batch, heads, _, dim = key_states.shape
-        self.heads = heads
+    def allocate(self, batch: int) -> None:
+        """Create the device and host stores for ``batch`` sequences, with room for the reserved positions."""
+        self.batch = batch
         if self.gpu_heads:
-            self.resident = DeviceKV(batch, self.gpu_heads, dim, self.dtype, self.device)
-        offloaded = heads - self.gpu_heads
-        if offloaded:
-            self.host = HostKV(batch, offloaded, dim, self.dtype, self.transfers.cuda, self.block_tokens)
-            step = self.group_heads
-            self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]
-            streamed = offloaded - min(self.cpu_heads, offloaded)
-            self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
+            self.resident = DeviceKV(batch, self.gpu_heads, self.head_dim, self.dtype, self.device)
+        if self.groups:
+            self.host = HostKV(batch, self.heads - self.gpu_heads, self.head_dim, self.dtype, self.transfers.cuda,
+                               self.block_tokens)
         self.reserve(self.reserved)
 
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        if (heads, dim) != (self.heads, self.head_dim):
+            raise HeadspaceError(f"the cache was built for {self.heads} KV heads of size {self.head_dim}, "
+                                 f"the model gave {heads} of size {dim}")
+        allocated = (self.batch, self.dtype, self.device)
+        super().lazy_initialization(key_states, value_states)
+        if (batch, self.dtype, self.device) != allocated:
+            self.allocate(batch)
+
     def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` positions; allocated (and pinned) now, for one sequence unless a batch was seen.
+
+        Pinning host memory takes a while (about 0.1 s per GiB): doing it here keeps it out of
+        the first prefill chunk, and fails early if the memory is not there.
+        """
         self.reserved = max(self.reserved, tokens)
+        if self.batch is None:
+            self.allocate(1)
+            return
         if self.resident is not None:
             self.resident.reserve(tokens)
         if self.host is not None:
@@ -163,7 +192,7 @@ class OffloadLayer(HeadspaceLayer):
             if d2h is not None:
                 keys.record_stream(d2h)
                 values.record_stream(d2h)
-            self.written = self.transfers.mark(d2h)
+            self.settled, self.written = self.written, self.transfers.mark(d2h)
             self.pending = (keys, values)
         self.length += key_states.shape[2]
         return key_states, value_states
@@ -171,7 +200,7 @@ class OffloadLayer(HeadspaceLayer):
     def fetch_first(self, staging: Staging, room: int, decoding: bool) -> None:
         """Prefetch this layer's first streamed group (of decode, if ``decoding``) into the idle staging slot."""
         groups = self.decode_groups if decoding else self.groups
-        if groups:
+        if groups and self.is_initialized:
             staging.fetch(self.host, groups[0], self.length, room, self.written, staging.other)
 
     def attend(self, query: torch.Tensor, scaling: float, staging: Staging,
@@ -186,13 +215,15 @@ class OffloadLayer(HeadspaceLayer):
         if not self.groups:
             return out
         groups = self.decode_groups if chunk == 1 else self.groups
-        host_query = self._send_query(query, ratio) if chunk == 1 and self.cpu_heads else None
+        # decode: the host-attended heads start on a worker thread as soon as the query reaches the host,
+        # while this thread issues the streamed groups
+        host_job = self._start_host_attention(query, ratio, scaling) if chunk == 1 and self.cpu_heads else None
         new_keys, new_values = self.pending
         past, total = self.length - chunk, self.length
         for index, heads in enumerate(groups):
-            slot = staging.acquire(self.host, heads, past, total, self.written)
+            slot = staging.acquire(self.host, heads, past, total, self.settled)
             if index + 1 < len(groups):
-                staging.fetch(self.host, groups[index + 1], past, total, self.written, staging.other)
+                staging.fetch(self.host, groups[index + 1], past, total, self.settled, staging.other)
             elif after is not None:
                 after.fetch_first(staging, total, decoding=chunk == 1)
             width = heads.stop - heads.start
@@ -202,40 +233,29 @@ class OffloadLayer(HeadspaceLayer):
             q = slice((g + heads.start) * ratio, (g + heads.stop) * ratio)
             out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
-        if host_query is not None:
-            self._attend_on_host(host_query, out, ratio, scaling)
+        if host_job is not None:
+            out[:, (self.heads - self.cpu_heads) * ratio :] = host_job.result().to(out.device, non_blocking=True)
         self.pending = None
         return out
 
-    def _send_query(self, query: torch.Tensor, ratio: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Start copying the decode query of the host-attended heads to host memory."""
+    def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float) -> Future:
+        """Copy the decode query of the host-attended heads to host memory and attend them there, on the
+        host worker thread.
+
+        Those heads' KV never crosses PCIe, only the query and the output do; the worker's
+        attention runs while the GPU attends the streamed groups, so the two share the work.
+        """
         first = (self.heads - self.cpu_heads) * ratio
         d2h = self.transfers.d2h
         self.transfers.wait(self.transfers.mark(), d2h)
         with self.transfers.on(d2h):
             host_query = query[:, first:].to("cpu", non_blocking=True)
-        return host_query, self.transfers.mark(d2h)
-
-    def _attend_on_host(self, host_query: tuple[torch.Tensor, torch.cuda.Event | None], out: torch.Tensor,
-                        ratio: int, scaling: float) -> None:
-        """Decode attention of the last ``cpu_heads`` heads where their KV lives: the host CPU.
-
-        Runs while the GPU attends the streamed groups, so the two share the work:
-        those heads' KV never crosses PCIe, only the query and the output do.
-        """
-        query, copied = host_query
-        if copied is not None:
-            copied.synchronize()  # the query, and before it this token's KV, are on the host
-        batch, _, _, dim = query.shape
+        copied = self.transfers.mark(d2h)
         offloaded = self.host.shape[1]
         heads = slice(offloaded - self.cpu_heads, offloaded)
         spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
                  for k, v, at, _, n in self.host.spans(0, self.length)]
-        folded = query.reshape(batch, self.cpu_heads, ratio, dim)
-        result = split_decode_attention(folded, spans, scaling, splits=4 * torch.get_num_threads())
-        result = result.reshape(batch, self.cpu_heads * ratio, 1, dim)
-        first = (self.heads - self.cpu_heads) * ratio
-        out[:, first:] = result.pin_memory().to(out.device, non_blocking=True) if self.transfers.cuda else result
+        return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
 
     @property
     def device_bytes(self) -> int:
@@ -244,6 +264,24 @@ class OffloadLayer(HeadspaceLayer):
     @property
     def host_bytes(self) -> int:
         return self.host.nbytes if self.host is not None else 0
+
+
+@functools.cache
+def host_worker() -> ThreadPoolExecutor:
+    """The thread that runs decode attention on the host CPU (its kernels release the GIL)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="headspace-host")
+
+
+def attend_on_host(query: torch.Tensor, copied: torch.cuda.Event | None, spans: list[tuple[torch.Tensor, torch.Tensor]],
+                   ratio: int, scaling: float, pin: bool) -> torch.Tensor:
+    """Decode attention of ``query`` (B, heads * ratio, 1, D) over host ``spans``, once the query has arrived."""
+    if copied is not None:
+        copied.synchronize()  # the query, and before it this token's KV, are on the host
+    batch, q_heads, _, dim = query.shape
+    folded = query.reshape(batch, q_heads // ratio, ratio, dim)
+    result = split_decode_attention(folded, spans, scaling, splits=4 * torch.get_num_threads())
+    result = result.reshape(batch, q_heads, 1, dim)
+    return result.pin_memory() if pin else result
 
 
 class HeadspaceCache(Cache):
@@ -313,9 +351,10 @@ def offload_cache(
         raise HeadspaceError(
             f"cpu_heads must be between 0 and {kv_heads - gpu_heads} (the offloaded heads), got {cpu_heads}")
     transfers = Transfers(device)
+    _, head_dim = kv_heads_and_dim(config)
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None
-        else OffloadLayer(transfers, gpu_heads, group_heads, block_tokens, cpu_heads)
+        else OffloadLayer(transfers, device, dtype, kv_heads, head_dim, gpu_heads, group_heads, block_tokens, cpu_heads)
         for window in layer_windows(config)
     ]
     return HeadspaceCache(layers, Staging(transfers, device, dtype))

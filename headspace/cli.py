@@ -27,10 +27,10 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from headspace import bench
-from headspace.cache import layer_windows
+from headspace.cache import kv_heads_and_dim, layer_windows
 from headspace.engine import MODES, Engine, Stats, check_positions, max_positions
 from headspace.errors import HeadspaceError
-from headspace.memory import check_host_ram, kv_heads_and_dim, plan
+from headspace.memory import check_host_ram, plan
 from headspace.models import (
     PRESETS,
     SMOLLM2,

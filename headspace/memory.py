@@ -12,16 +12,8 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from headspace.cache import check_gpu_heads, layer_windows
+from headspace.cache import check_gpu_heads, kv_heads_and_dim, layer_windows
 from headspace.errors import HeadspaceError
-
-
-def kv_heads_and_dim(config: PretrainedConfig) -> tuple[int, int]:
-    text = config.get_text_config(decoder=True)
-    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return heads, dim
-
 
 STAGING_BUDGET = 2**30
 

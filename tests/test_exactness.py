@@ -26,8 +26,7 @@ from conftest import (
 
 import headspace.cache
 from headspace import Engine, HeadspaceCache, passkey_prompt
-from headspace.cache import OffloadLayer, WindowLayer, layer_windows
-from headspace.memory import kv_heads_and_dim
+from headspace.cache import OffloadLayer, WindowLayer, kv_heads_and_dim, layer_windows
 from headspace.tiers import DeviceKV, HostKV
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -85,6 +85,29 @@ def test_model_generate_with_an_engine_cache_equals_full():
     assert cache.host_kv_bytes > 0
 
 
+def test_new_cache_allocates_its_host_memory_before_the_first_chunk():
+    """Pinning is slow (about 0.1 s per GiB): it happens when the cache is made, not inside prefill."""
+    model = tiny_model()
+    cache = Engine(model, None, mode="offload", gpu_heads=1).new_cache(500)
+    layer = cache.layers[0]
+    assert layer.host.capacity == 500 and len(layer.host.blocks) == 1
+    assert layer.resident.capacity == 500
+    assert cache.host_kv_bytes == 3 * 2 * 500 * 3 * 8 * 4  # 3 layers, K and V, 3 heads of 8 floats
+    blocks = layer.host.blocks[0][1]
+    Engine(model, None, mode="offload", gpu_heads=1).prefill(torch.randint(0, 128, (1, 300)), cache=cache)
+    assert layer.host.blocks[0][1] is blocks  # filled in place
+
+
+def test_a_batch_other_than_the_reserved_one_reallocates_and_stays_exact():
+    model = tiny_model()
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    cache = Engine(model, None, mode="offload", gpu_heads=1).new_cache(50)  # reserved for one sequence
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(out, expected)
+    assert cache.layers[0].host.shape[0] == 2
+
+
 def test_sdpa_fallback_without_a_headspace_cache_is_exact():
     """A model patched for headspace still computes plain attention with any other cache."""
     model = tiny_model(sliding_window=None)

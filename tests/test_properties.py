@@ -152,7 +152,7 @@ def test_split_decode_attention_over_spans_and_parts(batch, kv_heads, ratio, dim
 )
 def test_long_host_decode_matches_naive(prompt, block_tokens, decode, seed):
     """Decode over hundreds of host-held tokens in several blocks: streamed and host-attended heads."""
-    config = _cache_config(3, 2, [None])
+    config = _cache_config(3, 2, [None], 8)
     cache = offload_cache(config, torch.device("cpu"), torch.float32, gpu_heads=0, group_heads=1,
                           block_tokens=block_tokens, cpu_heads=2)
     generator = torch.Generator().manual_seed(seed)
@@ -198,10 +198,10 @@ def cache_runs(draw):
     )
 
 
-def _cache_config(kv_heads, ratio, windows) -> PretrainedConfig:
+def _cache_config(kv_heads, ratio, windows, dim) -> PretrainedConfig:
     window = next((w for w in windows if w is not None), None)
     types = ["full_attention" if w is None else "sliding_attention" for w in windows]
-    return PretrainedConfig(num_attention_heads=kv_heads * ratio, num_key_value_heads=kv_heads,
+    return PretrainedConfig(num_attention_heads=kv_heads * ratio, num_key_value_heads=kv_heads, head_dim=dim,
                             num_hidden_layers=len(windows), sliding_window=window, layer_types=types)
 
 
@@ -211,7 +211,7 @@ def test_offload_cache_attends_over_every_key(run):
     batch, kv_heads, ratio, dim = run["batch"], run["kv_heads"], run["ratio"], run["dim"]
     windows, chunks = run["windows"], run["chunks"]
     total = sum(chunks)
-    config = _cache_config(kv_heads, ratio, windows)
+    config = _cache_config(kv_heads, ratio, windows, dim)
     cache = offload_cache(config, torch.device("cpu"), torch.float32, run["gpu_heads"], run["group_heads"],
                           block_tokens=run["block_tokens"], cpu_heads=run["cpu_heads"])
     if run["reserve"] == "exact":

@@ -24,6 +24,7 @@ from headspace.errors import HeadspaceError
 from headspace.models import random_model
 
 GIB = 2**30
+SEARCH_STEPS = 32  # most untimed decode steps for the "auto" host/PCIe split search
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Cell:
     device_kv_bytes: int | None = None
     host_kv_bytes: int | None = None
     pcie_bound_tokens_per_s: float | None = None
+    cpu_heads: int | str = 0  # offloaded heads per layer attended on the host in decode; "auto": the split found
+    search_steps: int = 0  # decode steps the "auto" split search took before the timed ones
     error: str | None = None
 
 
@@ -77,7 +80,7 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     """Prefill ``context`` tokens (the last chunk only, after a random prefix, when ``synthetic``) and decode."""
     device, chunk = engine.device, engine.chunk_size
     cpu_heads = engine.options.get("cpu_heads", 0)
-    cell = Cell(engine.mode.name + (f"/cpu{cpu_heads}" if cpu_heads else ""), context, chunk)
+    cell = Cell(engine.mode.name + (f"/cpu{cpu_heads}" if cpu_heads else ""), context, chunk, cpu_heads=cpu_heads)
     cell.weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     vocab = engine.model.config.get_text_config(decoder=True).vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
@@ -87,7 +90,7 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start = _sync(device)
-    cache = engine.new_cache(context + decode_steps + 1)  # +1: the warm-up step
+    cache = engine.new_cache(context + decode_steps + SEARCH_STEPS + 1)  # +1: the warm-up step
     cell.setup_seconds = _sync(device) - start
     if prefix:
         fill_prefix(cache, engine.model.config, prefix, device, engine.dtype)
@@ -97,6 +100,12 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
     cell.prefill_tokens_per_s = (context - prefix) / cell.prefill_seconds
     token = logits.argmax(-1, keepdim=True)
     engine.forward(token, cache)  # first decode step: warm-up, not timed
+    split = getattr(cache, "split", None)
+    while split is not None and not split.done and cell.search_steps < SEARCH_STEPS:  # cpu_heads "auto": untimed
+        engine.forward(token, cache)
+        cell.search_steps += 1
+    if split is not None:
+        cell.cpu_heads = split.current
     start = _sync(device)
     for _ in range(decode_steps):
         engine.forward(token, cache)
@@ -134,9 +143,11 @@ def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, dec
     cells, warm = [], set()
     for context in contexts:
         for mode in modes:
-            name, _, cpu = mode.partition("/cpu")  # "offload/cpu3": 3 offloaded heads attend on the host in decode
+            # "offload/cpu3": 3 offloaded heads per layer attend on the host in decode; "offload/cpuauto": searched
+            name, _, cpu = mode.partition("/cpu")
             engine = Engine(model, None, mode=name, gpu_heads=gpu_heads, group_heads=group_heads,
-                            chunk_size=chunk_size, allow_beyond_positions=True, cpu_heads=int(cpu or 0))
+                            chunk_size=chunk_size, allow_beyond_positions=True,
+                            cpu_heads=cpu if cpu == "auto" else int(cpu or 0))
             synthetic = synthetic_from is not None and context >= synthetic_from
             try:
                 if mode not in warm:
@@ -161,7 +172,9 @@ def row(cell: Cell) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
-    note = cell.error or (f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "")
+    notes = [f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "",
+             f"split found: {cell.cpu_heads} host heads in {cell.search_steps} steps" if cell.search_steps else ""]
+    note = cell.error or ", ".join(n for n in notes if n)
     return (f"{cell.mode:<11}{cell.context:>9}{num(cell.setup_seconds, '.2f'):>9}"
             f"{num(cell.prefill_tokens_per_s, ',.0f'):>15}"
             f"{num(cell.decode_tokens_per_s, '.2f'):>14}{num(cell.pcie_bound_tokens_per_s, '.2f'):>12}"

@@ -11,6 +11,7 @@ layer's first group, is being copied in.
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -20,6 +21,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headspace.attention import active_cache, causal_attention, split_decode_attention
 from headspace.errors import HeadspaceError
+from headspace.split import SplitSearch
 from headspace.streaming import Staging, Transfers
 from headspace.tiers import DeviceKV, HostKV
 
@@ -127,20 +129,25 @@ class OffloadLayer(HeadspaceLayer):
         self.transfers = transfers
         self.device, self.dtype, self.heads, self.head_dim = device, dtype, kv_heads, head_dim
         self.gpu_heads, self.group_heads, self.block_tokens = gpu_heads, group_heads, block_tokens
-        self.cpu_heads = cpu_heads
         self.batch: int | None = None  # storage is allocated for this batch size
         self.resident: DeviceKV | None = None
         self.host: HostKV | None = None
         offloaded, step = kv_heads - gpu_heads, group_heads
         self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]  # streamed in prefill
-        streamed = offloaded - min(cpu_heads, offloaded)  # in decode; the other offloaded heads attend on the host
-        self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
+        self.set_cpu_heads(cpu_heads)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the
         # positions before the latest chunk only need the older ones, so they need not wait for this layer's KV.
         self.written: torch.cuda.Event | None = None
         self.settled: torch.cuda.Event | None = None
         self.reserved = 0
+
+    def set_cpu_heads(self, cpu_heads: int) -> None:
+        """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
+        offloaded, step = self.heads - self.gpu_heads, self.group_heads
+        self.cpu_heads = min(cpu_heads, offloaded)
+        streamed = offloaded - self.cpu_heads
+        self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
 
     def allocate(self, batch: int) -> None:
         """Create the device and host stores for ``batch`` sequences, with room for the reserved positions."""
@@ -287,18 +294,36 @@ def attend_on_host(query: torch.Tensor, copied: torch.cuda.Event | None, spans: 
 class HeadspaceCache(Cache):
     """A transformers ``Cache`` whose layers decide where KV lives and compute attention over it."""
 
-    def __init__(self, layers: list[HeadspaceLayer], staging: Staging):
+    def __init__(self, layers: list[HeadspaceLayer], staging: Staging, split: SplitSearch | None = None):
         super().__init__(layers=layers)
         self.staging = staging
         self._stored: tuple[int, torch.Tensor] | None = None
         offloaded = [i for i, layer in enumerate(layers) if isinstance(layer, OffloadLayer)]
         self._next_offloaded = {a: b for a, b in zip(offloaded, offloaded[1:] + offloaded[:1])}
+        self.split = split  # searching the host/PCIe split of decode ("auto" cpu_heads)
+        self._first_offloaded = offloaded[0] if offloaded else None
+        self._step_started: float | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if layer_idx == self._first_offloaded and key_states.shape[2] == 1 and self.split and not self.split.done:
+            self._time_split_step(key_states.device)
         keys, values = self.layers[layer_idx].update(key_states, value_states)
         self._stored = (layer_idx, keys)
         active_cache.set(weakref.ref(self))
         return keys, values
+
+    def _time_split_step(self, device: torch.device) -> None:
+        """A decode step begins: time the one before it (the first, a warm-up, only starts the clock) and set
+        the split the search asks for next."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # while searching only: the previous step must really be over
+        now = time.perf_counter()
+        if self._step_started is not None:
+            cpu_heads = self.split.record(now - self._step_started)
+            for layer in self.layers:
+                if isinstance(layer, OffloadLayer):
+                    layer.set_cpu_heads(cpu_heads)
+        self._step_started = now
 
     def holds(self, layer_idx: int, keys: torch.Tensor) -> bool:
         """Whether ``keys`` are what this cache just returned for ``layer_idx``."""
@@ -341,15 +366,24 @@ def offload_cache(
     gpu_heads: int = 1,
     group_heads: int = 1,
     block_tokens: int = 16384,
-    cpu_heads: int = 0,
+    cpu_heads: int | str = 0,
 ) -> HeadspaceCache:
-    """A cache that keeps ``gpu_heads`` KV heads per full layer on ``device`` and streams the rest from host memory."""
+    """A cache that keeps ``gpu_heads`` KV heads per full layer on ``device`` and streams the rest from host memory.
+
+    In decode, ``cpu_heads`` of the offloaded heads per layer are attended on the host CPU instead of
+    streamed; ``"auto"`` finds the fastest number by timing the first decode steps.
+    """
     kv_heads = check_gpu_heads(config, gpu_heads)
+    offloaded = kv_heads - gpu_heads
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
-    if not 0 <= cpu_heads <= kv_heads - gpu_heads:
+    split = None
+    if cpu_heads == "auto":
+        split = SplitSearch(offloaded, start=offloaded // 4)  # near the best of the H100 hosts measured: 2-3 of 8
+        cpu_heads = split.current
+    if isinstance(cpu_heads, str) or not 0 <= cpu_heads <= offloaded:
         raise HeadspaceError(
-            f"cpu_heads must be between 0 and {kv_heads - gpu_heads} (the offloaded heads), got {cpu_heads}")
+            f"cpu_heads must be 'auto' or between 0 and {offloaded} (the offloaded heads), got {cpu_heads}")
     transfers = Transfers(device)
     _, head_dim = kv_heads_and_dim(config)
     layers: list[HeadspaceLayer] = [
@@ -357,4 +391,4 @@ def offload_cache(
         else OffloadLayer(transfers, device, dtype, kv_heads, head_dim, gpu_heads, group_heads, block_tokens, cpu_heads)
         for window in layer_windows(config)
     ]
-    return HeadspaceCache(layers, Staging(transfers, device, dtype))
+    return HeadspaceCache(layers, Staging(transfers, device, dtype), split)

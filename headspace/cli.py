@@ -100,6 +100,11 @@ positive_int = _int_at_least(1)
 non_negative_int = _int_at_least(0)
 
 
+def count_or_auto(text: str) -> int | str:
+    """``auto`` or a count (``--cpu-heads``)."""
+    return "auto" if text == "auto" else non_negative_int(text)
+
+
 # -- shared options and helpers (for every subcommand) -------------------------------------------
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -245,8 +250,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     eviction.add_argument("--sink", type=non_negative_int, metavar="N", help="first tokens always kept (4)")
     eviction.add_argument("--heads", metavar="FILE",
                           help="retaining heads file (default: the one shipped for the model)")
-    parser.add_argument("--cpu-heads", type=non_negative_int, metavar="N",
-                        help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU")
+    parser.add_argument("--cpu-heads", type=count_or_auto, metavar="N|auto",
+                        help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU "
+                             "beside the streamed ones; 'auto' times the first decode steps to find the fastest split")
     return parser
 
 

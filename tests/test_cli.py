@@ -329,6 +329,20 @@ def test_generate_streams_and_writes_json(capsys, tiny_model, tmp_path):
     assert offload["stats"]["host_kv_bytes"] > 0 and full["stats"]["host_kv_bytes"] == 0
 
 
+def test_generate_with_an_automatic_host_split_is_exact(capsys, tiny_model, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Pack my box with five dozen liquor jugs. " * 3)
+    records = {}
+    for name, extra in (("full", ["--mode", "full"]), ("auto", ["--mode", "offload", "--cpu-heads", "auto"])):
+        code, _, err = run(capsys, "generate", "--model", tiny_model, "--prompt-file", str(prompt), "--chunk-size",
+                           "8", "--max-new-tokens", "12", "--json", str(tmp_path / f"{name}.json"), *extra)
+        assert code == 0, err
+        records[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert records["auto"]["token_ids"] == records["full"]["token_ids"]
+    code, _, err = run(capsys, "generate", "--model", tiny_model, "--prompt-file", str(prompt), "--cpu-heads", "many")
+    assert code == 2 and "--cpu-heads" in err and "'many' is not an integer" in err
+
+
 def test_streamed_pieces_add_up_to_the_final_text_for_multibyte_characters(monkeypatch):
     tokenizer = AutoTokenizer.from_pretrained(dequantized_dir(smollm2_gguf()))
     ids = tokenizer("Café 日本語 ok", add_special_tokens=False)["input_ids"]

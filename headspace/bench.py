@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from headspace.attention import split_decode_attention
 from headspace.cache import OffloadLayer, kv_heads_and_dim
 from headspace.engine import Engine, kv_bytes
 from headspace.errors import HeadspaceError
 from headspace.models import random_model
+from headspace.tiers import host_empty
 
 GIB = 2**30
 SEARCH_STEPS = 32  # most untimed decode steps for the "auto" host/PCIe split search
@@ -115,7 +117,7 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
         cell.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
     cell.device_kv_bytes, cell.host_kv_bytes = kv_bytes(cache)
     offloaded = [layer for layer in cache.layers if isinstance(layer, OffloadLayer) and layer.host is not None]
-    if offloaded:
+    if offloaded and device.type == "cuda":
         heads, dim = kv_heads_and_dim(engine.model.config)
         # the PCIe-only bound: every offloaded head's KV crosses the bus once per token
         per_token = sum(layer.host.shape[1] for layer in offloaded) * 2 * dim * engine.dtype.itemsize
@@ -135,8 +137,35 @@ def warm_up(engine: Engine) -> None:
     del cache
 
 
+def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
+    """This machine's limits, measured in the same run as the cells: pinned host-to-device and
+    device-to-host copy rates (the PCIe bound of decode uses the first) and the rate at which the
+    host CPU attends KV (what the host side of decode can add)."""
+    ceilings = {}
+    if device.type == "cuda":
+        host = host_empty((gib * GIB // 2,), torch.bfloat16, pin=True)
+        dev = torch.empty_like(host, device=device)
+        for name, dst, src in (("h2d_bytes_per_s", dev, host), ("d2h_bytes_per_s", host, dev)):
+            dst.copy_(src, non_blocking=True)
+            start = _sync(device)
+            for _ in range(3):
+                dst.copy_(src, non_blocking=True)
+            ceilings[name] = 3 * gib * GIB / (_sync(device) - start)
+        del host, dev
+    keys = torch.randn(1, 2, 2**18, 128, dtype=torch.bfloat16)  # 2 heads x 256K tokens: 128 MiB, K and V alike
+    query = torch.randn(1, 2, 4, 128, dtype=torch.bfloat16)
+    splits = 4 * torch.get_num_threads()
+    split_decode_attention(query, [(keys, keys)], 0.1, splits)
+    start = time.perf_counter()
+    for _ in range(3):
+        split_decode_attention(query, [(keys, keys)], 0.1, splits)
+    ceilings["host_attention_bytes_per_s"] = 3 * 2 * keys.numel() * keys.element_size() / (time.perf_counter() - start)
+    return ceilings
+
+
 def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, decode_steps: int,
-        synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: str | None = None) -> list[Cell]:
+        synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: str | None = None,
+        h2d_bytes_per_s: float = 54e9) -> list[Cell]:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_model(preset, device, dtype)
@@ -147,7 +176,7 @@ def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, dec
             name, _, cpu = mode.partition("/cpu")
             engine = Engine(model, None, mode=name, gpu_heads=gpu_heads, group_heads=group_heads,
                             chunk_size=chunk_size, allow_beyond_positions=True,
-                            cpu_heads=cpu if cpu == "auto" else int(cpu or 0))
+                            cpu_heads=cpu if cpu == "auto" else int(cpu or 0), h2d_bytes_per_s=h2d_bytes_per_s)
             synthetic = synthetic_from is not None and context >= synthetic_from
             try:
                 if mode not in warm:
@@ -230,12 +259,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     contexts = [parse_tokens(c) for c in args.contexts.split(",")]
     modes = args.modes.split(",")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ceilings = measure_ceilings(device)
+    print("ceilings: " + ", ".join(f"{name.removesuffix('_bytes_per_s')} {rate / 1e9:.1f} GB/s"
+                                   for name, rate in ceilings.items()), flush=True)
     print(HEADER, flush=True)
     cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from,
-                args.gpu_heads, args.group_heads, args.device)
+                args.gpu_heads, args.group_heads, args.device, ceilings.get("h2d_bytes_per_s", 54e9))
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "gpu_heads": args.gpu_heads, "group_heads": args.group_heads}
+            "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:
         plot(cells, args.plot)

@@ -227,10 +227,13 @@ def plot(cells: list[Cell], path: Path) -> None:
             if points:
                 axis.plot(*zip(*points), marker="o", label=mode)
         axis.set_xscale("log", base=2)
+        if field != "peak_gpu_bytes":
+            axis.set_yscale("log")  # rates span two orders of magnitude across contexts
         axis.set_xlabel("context (tokens)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-        axis.legend()
+        if axis.lines:  # on CPU there is no GPU memory to draw
+            axis.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -254,9 +257,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
+                        help="run nothing: draw --plot from the cells of these results files")
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    if args.replot:
+        if args.plot is None:
+            raise HeadspaceError("--replot draws a plot: give --plot FILE.png")
+        cells = [Cell(**cell) for path in args.replot for cell in json.loads(path.read_text())["cells"]]
+        plot(cells, args.plot)
+        return 0
     contexts = [parse_tokens(c) for c in args.contexts.split(",")]
     modes = args.modes.split(",")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from headspace import bench
+from headspace.errors import HeadspaceError
 
 
 def tiny(preset, device, dtype):
@@ -43,3 +45,11 @@ def test_bench_runs_every_mode_and_writes_json(monkeypatch, tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.splitlines()[1].split()[:3] == ["mode", "context", "setup"]
     assert "split found" in table
+    png = tmp_path / "all.png"
+    assert bench.main(["--replot", str(out), str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_replot_needs_a_plot_file(tmp_path):
+    with pytest.raises(HeadspaceError, match="--plot"):
+        bench.main(["--replot", str(tmp_path / "any.json")])

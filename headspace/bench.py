@@ -22,7 +22,7 @@ from headspace.attention import split_decode_attention
 from headspace.cache import OffloadLayer, kv_heads_and_dim
 from headspace.engine import Engine, kv_bytes
 from headspace.errors import HeadspaceError
-from headspace.models import random_model
+from headspace.models import default_device, default_dtype, random_model
 from headspace.tiers import host_empty
 
 GIB = 2**30
@@ -78,8 +78,9 @@ def _sync(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) -> Cell:
-    """Prefill ``context`` tokens (the last chunk only, after a random prefix, when ``synthetic``) and decode."""
+def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool, h2d_bytes_per_s: float) -> Cell:
+    """Prefill ``context`` tokens (the last chunk only, after a random prefix, when ``synthetic``) and decode;
+    the PCIe bound of decode is taken at ``h2d_bytes_per_s``."""
     device, chunk = engine.device, engine.chunk_size
     cpu_heads = engine.options.get("cpu_heads", 0)
     cell = Cell(engine.mode.name + (f"/cpu{cpu_heads}" if cpu_heads else ""), context, chunk, cpu_heads=cpu_heads)
@@ -121,7 +122,7 @@ def measure(engine: Engine, context: int, decode_steps: int, synthetic: bool) ->
         heads, dim = kv_heads_and_dim(engine.model.config)
         # the PCIe-only bound: every offloaded head's KV crosses the bus once per token
         per_token = sum(layer.host.shape[1] for layer in offloaded) * 2 * dim * engine.dtype.itemsize
-        cell.pcie_bound_tokens_per_s = engine.options.get("h2d_bytes_per_s", 54e9) / (per_token * context)
+        cell.pcie_bound_tokens_per_s = h2d_bytes_per_s / (per_token * context)
     del cache, logits
     return cell
 
@@ -164,11 +165,9 @@ def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
 
 
 def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, decode_steps: int,
-        synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: str | None = None,
+        synthetic_from: int | None, gpu_heads: int, group_heads: int | None, device: torch.device,
         h2d_bytes_per_s: float = 54e9) -> list[Cell]:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = random_model(preset, device, dtype)
+    model = random_model(preset, device, default_dtype(device))
     cells, warm = [], set()
     for context in contexts:
         for mode in modes:
@@ -176,13 +175,13 @@ def run(preset: str, contexts: list[int], modes: list[str], chunk_size: int, dec
             name, _, cpu = mode.partition("/cpu")
             engine = Engine(model, None, mode=name, gpu_heads=gpu_heads, group_heads=group_heads,
                             chunk_size=chunk_size, allow_beyond_positions=True,
-                            cpu_heads=cpu if cpu == "auto" else int(cpu or 0), h2d_bytes_per_s=h2d_bytes_per_s)
+                            cpu_heads=cpu if cpu == "auto" else int(cpu or 0))
             synthetic = synthetic_from is not None and context >= synthetic_from
             try:
                 if mode not in warm:
                     warm_up(engine)
                     warm.add(mode)
-                cell = measure(engine, context, decode_steps, synthetic)
+                cell = measure(engine, context, decode_steps, synthetic, h2d_bytes_per_s)
             except (torch.OutOfMemoryError, RuntimeError, HeadspaceError) as error:
                 cell = Cell(mode, context, chunk_size, error=(str(error).splitlines() or [repr(error)])[0][:200])
             gc.collect()
@@ -270,13 +269,13 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 0
     contexts = [parse_tokens(c) for c in args.contexts.split(",")]
     modes = args.modes.split(",")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device()
     ceilings = measure_ceilings(device)
     print("ceilings: " + ", ".join(f"{name.removesuffix('_bytes_per_s')} {rate / 1e9:.1f} GB/s"
                                    for name, rate in ceilings.items()), flush=True)
     print(HEADER, flush=True)
     cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from,
-                args.gpu_heads, args.group_heads, args.device, ceilings.get("h2d_bytes_per_s", 54e9))
+                args.gpu_heads, args.group_heads, device, ceilings.get("h2d_bytes_per_s", 54e9))
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "ceilings": ceilings}

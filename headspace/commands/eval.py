@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from headspace.commands.common import (
@@ -17,7 +18,7 @@ from headspace.commands.common import (
 )
 from headspace.engine.modes import MODES
 from headspace.errors import HeadspaceError
-from headspace.evaluation.harness import EvalConfig, evaluate, mode_specs
+from headspace.evaluation.harness import SETTINGS, EvalConfig, evaluate, mode_specs
 from headspace.evaluation.report import heatmap, table
 from headspace.evaluation.tasks import HAYSTACKS, TASKS
 from headspace.models import load_model
@@ -30,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "tracking, common words) on a repetitive or a varied haystack, and a held-out prompt family "
                     "(a ship's log, reported apart), and score every mode on the same prompts with greedy "
                     "decoding, with the digits kept of every numeric answer. Budgeted modes run once per "
-                    "--compressions ratio (and --budgets size).")
+                    "--compressions ratio (and --budgets size). Two settings: the question inside the prompt "
+                    "that is compressed, and questions after compression (a document with several facts is "
+                    "prefilled and compressed once, then asked one question per fact).")
     add_model_options(parser)
     parser.add_argument("--modes", type=csv(str), default="full,offload,locret,streamingllm,snapkv,random",
                         metavar="LIST", help="comma-separated modes (default full,offload,locret,streamingllm,"
@@ -44,6 +47,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--haystacks", type=csv(str), default="noise", metavar="LIST",
                         help=f"haystacks of the main tasks: {', '.join(HAYSTACKS)} (default noise; the held-out "
                              f"family always has its own)")
+    parser.add_argument("--settings", type=csv(str), default=",".join(SETTINGS), metavar="LIST",
+                        help="inside: the question is part of the compressed prompt; after: a document is "
+                             "compressed once, then asked several questions (default inside,after)")
     parser.add_argument("--lengths", type=csv(context_size), default="4096", metavar="LIST",
                         help="prompt lengths in tokens (default 4096)")
     parser.add_argument("--depths", type=csv(float), default="0.1,0.5,0.9", metavar="LIST",
@@ -61,7 +67,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", default="eval.json", metavar="PATH",
                         help="results JSON, rewritten after every run; an existing file is resumed")
     parser.add_argument("--no-resume", action="store_true", help="start over even if --out exists")
-    parser.add_argument("--heatmap", metavar="PNG", help="also draw niah_single depth x length per mode")
+    parser.add_argument("--heatmap", metavar="PNG", help="also draw niah_single depth x length per mode (questions "
+                                                         "after compression in a second file, NAME_after.png)")
     parser.add_argument("--markdown", metavar="PATH", help="also write the table as markdown")
     parser.add_argument("--verbose", action="store_true", help="print every generation")
     return parser
@@ -90,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(args.haystacks) - set(HAYSTACKS))
     if unknown or not args.haystacks:
         raise HeadspaceError(f"unknown or no haystack(s) {unknown}; choose from {', '.join(HAYSTACKS)}")
+    config = EvalConfig(tuple(args.tasks), tuple(args.lengths), tuple(args.depths), args.samples, args.seed,
+                        args.chunk_size or 0, tuple(args.haystacks), tuple(args.settings))  # checked before loading
     per_mode: dict[str, dict] = {}
     for mode, name, value in args.option:
         per_mode.setdefault(mode, {})[name] = value
@@ -99,9 +108,8 @@ def run(args: argparse.Namespace) -> int:
         MODES[spec.mode].parse(dict(spec.options))
     device = resolve_device(args.device)
     model, tokenizer = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
-    chunk = args.chunk_size or (4096 if device.type == "cuda" else 1024)
-    config = EvalConfig(tuple(args.tasks), tuple(args.lengths), tuple(args.depths), args.samples, args.seed, chunk,
-                        tuple(args.haystacks))
+    if not args.chunk_size:
+        config = dataclasses.replace(config, chunk_size=4096 if device.type == "cuda" else 1024)
     results = evaluate(model, tokenizer, specs, config, out=args.out, resume=not args.no_resume,
                        log=note if args.verbose else None)
     text = table(results["table"])
@@ -109,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(text + "\n")
     if args.heatmap and "niah_single" in args.tasks:
-        heatmap(results["records"], args.heatmap, [s.label for s in specs], haystack=args.haystacks[0])
-        note(f"wrote {args.heatmap}")
+        for setting in config.settings:
+            png = Path(args.heatmap)
+            png = png.with_name(f"{png.stem}_after{png.suffix}") if setting == "after" else png
+            heatmap(results["records"], png, [s.label for s in specs], args.haystacks[0], setting)
+            note(f"wrote {png}")
     note(f"wrote {args.out}")
     return 0

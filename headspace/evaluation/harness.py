@@ -4,6 +4,20 @@
 mode plus its options, such as ``locret`` at 4x compression), writing a JSON record
 after each generation so an interrupted run resumes where it stopped;
 :mod:`headspace.evaluation.report` summarizes the records.
+
+Two settings (``EvalConfig.settings``), each record saying which:
+
+* ``inside``: the question is part of the prompt that is prefilled and compressed
+  (``Engine.generate`` on context + question), one sample per prompt;
+* ``after``: a document holding several facts is prefilled and compressed once, before
+  any question is seen (``Engine.prefill_document``), and then asked one question per
+  fact (``Engine.ask``: the document is rolled back after each), the path a kept
+  document takes in the API, the CLI and the server. The documents: per length, haystack
+  and index, one with a needle at each depth, one more needle (``niah_multikey``), a
+  multi-value key and a variable chain; one ship's log for the held-out family; and the
+  common-words list with its one question. A query-aware mode (``snapkv-question``) runs
+  here as what it becomes without the question: its window is the document's end, so it
+  is query-agnostic SnapKV compressing once (the report notes it).
 """
 
 from __future__ import annotations
@@ -19,14 +33,20 @@ from headspace.engine.modes import MODES
 from headspace.errors import HeadspaceError
 from headspace.evaluation.report import summarize
 from headspace.evaluation.tasks import (
+    DOCUMENT_TASKS,
     HAYSTACK_TASKS,
+    HELDOUT_TASKS,
     MAX_NEW_TOKENS,
     TASKS,
+    Document,
     Sample,
     digit_score,
+    make_document,
+    make_logbook,
     make_sample,
     score,
 )
+from headspace.eviction.policies import POLICIES
 from headspace.shape import ModelShape
 
 
@@ -77,6 +97,15 @@ class EvalConfig:
     seed: int = 0
     chunk_size: int = 1024
     haystacks: tuple[str, ...] = ("noise",)  # the main tasks' haystacks ("noise", "varied")
+    settings: tuple[str, ...] = ("inside",)  # "inside" (question in the compressed prompt), "after" (documents)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.settings) - set(SETTINGS))
+        if unknown or not self.settings:
+            raise HeadspaceError(f"unknown or no setting(s) {unknown}; choose from {', '.join(SETTINGS)}")
+
+
+SETTINGS = ("inside", "after")
 
 
 def samples_for(config: EvalConfig, tokenizer) -> list[Sample]:
@@ -91,6 +120,36 @@ def samples_for(config: EvalConfig, tokenizer) -> list[Sample]:
                     for index in range(config.samples):
                         out.append(make_sample(task, tokenizer, length, config.seed, index, depth, haystack))
     return out
+
+
+def documents_for(config: EvalConfig, tokenizer) -> list[Document]:
+    """Every document of the ``after`` setting, each with its questions among ``config.tasks``."""
+    out = []
+    main = tuple(task for task in DOCUMENT_TASKS if task in config.tasks)
+    heldout = tuple(task for task in HELDOUT_TASKS if task in config.tasks)
+    for length in config.lengths:
+        for index in range(config.samples):
+            if main:
+                out += [make_document(tokenizer, length, config.seed, index, haystack, config.depths, main)
+                        for haystack in config.haystacks]
+            if heldout:
+                out.append(make_logbook(tokenizer, length, config.seed, index, config.depths, heldout))
+            if "common_words" in config.tasks:
+                words = make_sample("common_words", tokenizer, length, config.seed, index)
+                out.append(Document(length, index, words.haystack, words.context, [words]))
+    return out
+
+
+def after_notes(specs: Sequence[ModeSpec]) -> list[str]:
+    """What the report says about columns that run differently, or not at all, in the ``after`` setting."""
+    notes = []
+    for spec in specs:
+        if not MODES[spec.mode].documents:
+            notes.append(f"{spec.label}: not run after compression (its cache cannot keep a document)")
+        elif spec.mode in POLICIES and POLICIES[spec.mode].query_aware:
+            notes.append(f"{spec.label} [after]: compressed at the document's end before any question is seen, so "
+                         f"its window is the document's last tokens: query-agnostic SnapKV, compressing once")
+    return notes
 
 
 def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, out: str | Path | None = None,
@@ -110,42 +169,70 @@ def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, ou
         previous = json.loads(path.read_text())
         for record in previous.get("records", []):
             done[_record_key(record)] = record
-    samples = samples_for(config, tokenizer)
-    engines = {s.label: Engine(model, tokenizer, mode=s.mode, chunk_size=config.chunk_size, **s.options)
-               for s in specs}
+    samples = samples_for(config, tokenizer) if "inside" in config.settings else []
+    documents = documents_for(config, tokenizer) if "after" in config.settings else []
+    engines = {s.label: Engine(model, tokenizer, mode=s.mode, chunk_size=config.chunk_size, keep_bytes=0,
+                               **s.options) for s in specs}
+    after_specs = [s for s in specs if MODES[s.mode].documents]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(samples) * len(specs), desc="evaluating", unit="run")
+        total = len(samples) * len(specs) + sum(len(d.questions) for d in documents) * len(after_specs)
+        bar = tqdm(total=total, desc="evaluating", unit="run")
+
+    def record(sample: Sample, spec: ModeSpec, setting: str, generation, seconds: float) -> None:
+        entry = {"task": sample.task, "haystack": sample.haystack, "length": sample.length, "depth": sample.depth,
+                 "index": sample.index, "mode": spec.label, "setting": setting,
+                 "score": score(sample, generation.text), "digits": digit_score(sample, generation.text),
+                 "output": generation.text, "answers": sample.answers,
+                 "prompt_tokens": generation.stats.prompt_tokens, "cached_tokens": generation.stats.cached_tokens,
+                 "seconds": round(seconds, 3), "device_kv_bytes": generation.stats.device_kv_bytes,
+                 "host_kv_bytes": generation.stats.host_kv_bytes}
+        results["records"].append(entry)
+        if log is not None:
+            log(f"{spec.label:>18} {setting:>6} {sample.task}/{sample.haystack} {sample.length} d={sample.depth} "
+                f"#{sample.index}: {entry['score']:.2f} {generation.text!r}")
+        if path is not None:
+            _write(path, results)
+
     for sample in samples:
         for spec in specs:
-            key = (*sample.key, spec.label)
+            key = (*sample.key, spec.label, "inside")
             if key in done:
                 results["records"].append(done[key])
             else:
                 start = time.perf_counter()
                 generation = engines[spec.label].generate(sample.prompt, max_new_tokens=sample.max_new_tokens)
-                record = {"task": sample.task, "haystack": sample.haystack, "length": sample.length,
-                          "depth": sample.depth, "index": sample.index, "mode": spec.label,
-                          "score": score(sample, generation.text), "digits": digit_score(sample, generation.text),
-                          "output": generation.text, "answers": sample.answers,
-                          "prompt_tokens": generation.stats.prompt_tokens,
-                          "seconds": round(time.perf_counter() - start, 3),
-                          "device_kv_bytes": generation.stats.device_kv_bytes,
-                          "host_kv_bytes": generation.stats.host_kv_bytes}
-                results["records"].append(record)
-                if log is not None:
-                    log(f"{spec.label:>18} {sample.task}/{sample.haystack} {sample.length} d={sample.depth} "
-                        f"#{sample.index}: "
-                        f"{record['score']:.2f} {generation.text!r}")
-                if path is not None:
-                    _write(path, results)
+                record(sample, spec, "inside", generation, time.perf_counter() - start)
             if bar is not None:
                 bar.update(1)
+    for document in documents:
+        for spec in after_specs:
+            pending = []
+            for question in document.questions:
+                key = (*question.key, spec.label, "after")
+                if key in done:
+                    results["records"].append(done[key])
+                    if bar is not None:
+                        bar.update(1)
+                else:
+                    pending.append(question)
+            if not pending:
+                continue
+            engine = engines[spec.label]
+            kept = engine.prefill_document(document.context)  # once, before any question is seen
+            for question in pending:
+                start = time.perf_counter()
+                generation = engine.ask(kept, question.question, max_new_tokens=question.max_new_tokens)
+                record(question, spec, "after", generation, time.perf_counter() - start)
+                if bar is not None:
+                    bar.update(1)
+            del kept
     if bar is not None:
         bar.close()
-    results["table"] = summarize(results["records"], [s.label for s in specs])
+    results["notes"] = after_notes(specs) if documents else []
+    results["table"] = summarize(results["records"], [s.label for s in specs], results["notes"])
     if path is not None:
         _write(path, results)
     return results
@@ -171,7 +258,7 @@ def _heads_used(model, specs: Sequence[ModeSpec]) -> dict:
 
 def _record_key(record: dict) -> tuple:
     return (record["task"], record.get("haystack", "noise"), record["length"], record["depth"], record["index"],
-            record["mode"])
+            record["mode"], record.get("setting", "inside"))
 
 
 def _write(path: Path, results: dict) -> None:

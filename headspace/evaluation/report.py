@@ -2,7 +2,9 @@
 
 Means are taken per group: the needle tasks on the noise haystack and on the varied one,
 every main task, and the held-out family apart (it is never part of the main means);
-digit rows average the share of each numeric answer's digits kept.
+digit rows average the share of each numeric answer's digits kept. The two settings of
+the harness are kept apart: rows of questions asked after compression carry ``[after]``,
+and so do their group means; a heatmap draws one setting.
 """
 
 from __future__ import annotations
@@ -30,49 +32,67 @@ def _haystack(record: dict) -> str:
     return record.get("haystack", "noise")
 
 
+def _setting(record: dict) -> str:
+    return record.get("setting", "inside")
+
+
+def _tag(record: dict) -> str:
+    return " [after]" if _setting(record) == "after" else ""
+
+
 def row_label(record: dict) -> str:
-    """``task @length``, with ``[varied]`` for the varied haystack."""
+    """``task @length``, with ``[varied]`` for the varied haystack and ``[after]`` for questions after compression."""
     suffix = " [varied]" if _haystack(record) == "varied" else ""
-    return f"{record['task']}{suffix} @{record['length']}"
+    return f"{record['task']}{suffix} @{record['length']}{_tag(record)}"
 
 
-def summarize(records: list[dict], modes: Sequence[str] | None = None) -> dict:
-    """Mean score (0-100) per (task, haystack, length) row and mode column, plus the group means."""
+def summarize(records: list[dict], modes: Sequence[str] | None = None, notes: Sequence[str] = ()) -> dict:
+    """Mean score (0-100) per (task, haystack, length, setting) row and mode column, plus the group means of
+    each setting; ``notes`` are printed under the table."""
     modes = list(modes) if modes is not None else list(dict.fromkeys(r["mode"] for r in records))
     cells: dict[tuple[str, str], list[float]] = defaultdict(list)
+    groups: list[str] = []
     for r in records:
         cells[(row_label(r), r["mode"])].append(r["score"])
         for label, member, value in GROUPS:
             if member(r) and r.get(value) is not None:
-                cells[(label, r["mode"])].append(r[value])
+                cells[(label + _tag(r), r["mode"])].append(r[value])
     rows = list(dict.fromkeys(row_label(r) for r in records))
-    rows += [label for label, _, _ in GROUPS if any(k[0] == label for k in cells)]
+    for setting in dict.fromkeys(_setting(r) for r in records):
+        tag = _tag({"setting": setting})
+        groups += [label + tag for label, _, _ in GROUPS if any(k[0] == label + tag for k in cells)]
+    rows += groups
     table = {row: {m: round(100 * sum(cells[(row, m)]) / len(cells[(row, m)]), 1) if cells.get((row, m)) else None
                    for m in modes} for row in rows}
-    counts = {row: len(cells.get((row, modes[0]), [])) for row in rows}
-    return {"modes": modes, "rows": table, "samples": counts}
+    counts = {row: max((len(cells.get((row, m), [])) for m in modes), default=0) for row in rows}
+    return {"modes": modes, "rows": table, "samples": counts, "notes": list(notes)}
 
 
 def table(summary: dict) -> str:
-    """A markdown table of :func:`summarize`'s output."""
+    """A markdown table of :func:`summarize`'s output, its notes below it."""
     modes = summary["modes"]
     lines = ["| task @ tokens | n | " + " | ".join(modes) + " |", "|---|---:|" + "---:|" * len(modes)]
     for row, cells in summary["rows"].items():
         values = " | ".join("-" if cells[m] is None else f"{cells[m]:.1f}" for m in modes)
         lines.append(f"| {row} | {summary['samples'][row]} | {values} |")
+    if summary.get("notes"):
+        lines += [""] + [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines)
 
 
-def heatmap(records: list[dict], path: str | Path, modes: Sequence[str] | None = None, haystack: str = "noise") -> Path:
-    """Single-needle score on ``haystack`` by depth (rows) and length (columns), one panel per mode, as a PNG."""
+def heatmap(records: list[dict], path: str | Path, modes: Sequence[str] | None = None, haystack: str = "noise",
+            setting: str = "inside") -> Path:
+    """Single-needle score on ``haystack`` in ``setting`` by depth (rows) and length (columns), one panel per mode,
+    as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    needle = [r for r in records if r["task"] == "niah_single" and _haystack(r) == haystack]
+    needle = [r for r in records if r["task"] == "niah_single" and _haystack(r) == haystack
+              and _setting(r) == setting]
     if not needle:
-        raise HeadspaceError(f"no niah_single records on the {haystack} haystack to draw a heatmap from")
+        raise HeadspaceError(f"no niah_single records on the {haystack} haystack ({setting}) to draw a heatmap from")
     modes = list(modes) if modes is not None else list(dict.fromkeys(r["mode"] for r in needle))
     depths = sorted({r["depth"] for r in needle})
     lengths = sorted({r["length"] for r in needle})
@@ -88,7 +108,7 @@ def heatmap(records: list[dict], path: str | Path, modes: Sequence[str] | None =
                         and r["length"] == length]
                 grid[i][j] = sum(hits) / len(hits) if hits else float("nan")
         ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_title(mode, fontsize=9)
+        ax.set_title(mode + (" [after]" if setting == "after" else ""), fontsize=9)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths], fontsize=7)
         for i in range(len(depths)):

@@ -22,9 +22,10 @@ main tasks and unlike the retaining heads' training templates. It is reported ap
 from the main tasks, and nothing (heads, defaults) is tuned on it.
 
 :func:`make_document` builds one document holding several needles, a multi-value key
-and a variable chain, with one question per fact: the same compressed document can
-be asked all of them (the questions-after-compression setting), and each question's
-prompt (document + question) serves the question-inside setting.
+and a variable chain, with one question per fact, and :func:`make_logbook` the held-out
+family's ship's log with several vessels: the same compressed document can be asked all
+of its questions (the questions-after-compression setting of the harness), and each
+question's prompt (document + question) is what the question-inside setting would see.
 
 Prompts are plain completions ending in an answer prefix ("... The special magic
 number for X mentioned in the provided text is"); SmolLM2-135M-Instruct answers the
@@ -252,30 +253,65 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0, de
 
 
 DOCUMENT_DEPTHS = (0.1, 0.35, 0.6, 0.85)
+DOCUMENT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")  # questions it can hold
 
 
-def make_document(tokenizer, length: int, seed: int, index: int = 0, haystack: str = "varied") -> Document:
-    """One document of at most ``length`` tokens (with its longest question) and six questions about it.
+def make_document(tokenizer, length: int, seed: int, index: int = 0, haystack: str = "varied",
+                  depths: tuple[float, ...] = DOCUMENT_DEPTHS,
+                  tasks: tuple[str, ...] = ("niah_single", "niah_multivalue", "variable_tracking")) -> Document:
+    """One document of at most ``length`` tokens (with its longest question) and a question per fact it holds.
 
-    It holds four single needles (at depths 0.1, 0.35, 0.6, 0.85), a key with three values and a
-    variable chain; the questions ask for each single needle's number (task ``niah_single``, depth
-    the needle's), all three values (``niah_multivalue``) and the chain (``variable_tracking``).
+    It holds a single needle at each of ``depths``, a key with three values and a variable chain,
+    and with ``niah_multikey`` in ``tasks`` one more needle at a random depth; the questions ask for
+    each single needle's number (task ``niah_single``, depth the needle's), the extra needle's
+    (``niah_multikey``), all three values (``niah_multivalue``) and the chain (``variable_tracking``),
+    for the ``tasks`` asked. Every needle question has the document's other needles as distractors.
     """
+    unknown = sorted(set(tasks) - set(DOCUMENT_TASKS))
+    if unknown:
+        raise HeadspaceError(f"a document holds no task(s) {', '.join(unknown)}; it holds {', '.join(DOCUMENT_TASKS)}")
     filler = _filler(haystack, f"{seed}:document:{index}")
     rng = random.Random(f"{seed}:document:{length}:{index}:{haystack}")
     used: set[str] = set()
-    singles = [(depth, _key(rng, used), _number(rng)) for depth in DOCUMENT_DEPTHS]
+    singles = [(depth, _key(rng, used), _number(rng)) for depth in depths]
     multi_key, multi_values = _key(rng, used), [_number(rng) for _ in range(3)]
     value, names, chain = _variable_chain(rng)
     inserts = [(depth, _needle(key, number)) for depth, key, number in singles]
     inserts += [(rng.random(), _needle(multi_key, v)) for v in multi_values]
     inserts += list(zip(sorted(rng.random() for _ in chain), chain))
     asked = [("niah_single", depth, _needle_question(key), [number]) for depth, key, number in singles]
+    if "niah_multikey" in tasks:
+        depth, key, number = rng.random(), _key(rng, used), _number(rng)
+        inserts.append((depth, _needle(key, number)))
+        asked.append(("niah_multikey", depth, _needle_question(key), [number]))
     asked += [("niah_multivalue", None, _needle_question(multi_key, plural=True), multi_values),
               ("variable_tracking", None, _variable_question(value), names)]
+    asked = [question for question in asked if question[0] in tasks]
+    return _document(tokenizer, length, index, haystack, _NIAH_INTRO, filler, inserts, asked)
+
+
+def make_logbook(tokenizer, length: int, seed: int, index: int = 0, depths: tuple[float, ...] = DOCUMENT_DEPTHS,
+                 tasks: tuple[str, ...] = HELDOUT_TASKS) -> Document:
+    """The held-out family as one document: a ship's log with a vessel's manifest number at each of ``depths``
+    (questions ``heldout_single``) and, with ``heldout_multikey`` in ``tasks``, one more at a random depth."""
+    rng = random.Random(f"{seed}:logbook:{length}:{index}")
+    vessels = rng.sample(VESSELS, len(depths) + 1)
+    facts = [(depth, vessel, str(rng.randint(100_000, 999_999)))
+             for depth, vessel in zip((*depths, rng.random()), vessels)]
+    asked = [("heldout_single" if i < len(depths) else "heldout_multikey", depth, _manifest_question(vessel), [n])
+             for i, (depth, vessel, n) in enumerate(facts)]
+    asked = [question for question in asked if question[0] in tasks]
+    inserts = [(depth, _manifest(vessel, n)) for depth, vessel, n in facts]
+    return _document(tokenizer, length, index, "logbook", _LOG_INTRO, _filler("logbook", f"{seed}:logbook:{index}"),
+                     inserts, asked)
+
+
+def _document(tokenizer, length: int, index: int, haystack: str, intro: str, filler: Callable[[int], list[str]],
+              inserts: list[tuple[float, str]], asked: list[tuple[str, float | None, str, list[str]]]) -> Document:
+    """The longest document that leaves room for its longest question within ``length`` tokens."""
     count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
     room = length - max(count(question) for _, _, question, _ in asked)
-    context = _fit(lambda n: _NIAH_INTRO + _haystack(filler(n), inserts), room, count)
+    context = _fit(lambda n: intro + _haystack(filler(n), inserts), room, count)
     questions = [Sample(task, length, depth, index, context + question, answers, MAX_NEW_TOKENS[task], haystack,
                         question) for task, depth, question, answers in asked]
     return Document(length, index, haystack, context, questions)

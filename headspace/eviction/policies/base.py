@@ -52,6 +52,7 @@ class Policy:
 
     name: ClassVar[str] = "policy"
     compress_once: ClassVar[bool] = False
+    query_aware: ClassVar[bool] = False  # chooses by the question at the prompt's end (none in a kept document)
 
     def prepare(self, model: PreTrainedModel) -> Policy:
         """A copy ready to score for ``model`` (one per cache, so state such as a random generator is not

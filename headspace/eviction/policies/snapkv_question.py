@@ -35,6 +35,7 @@ from headspace.shape import ModelShape
 class SnapKVQuestion(SnapKV):
     name = "snapkv-question"
     compress_once = True
+    query_aware = True
     window: int = 64
     recent: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)  # per layer
     layers: list[int] = field(default_factory=list, init=False, repr=False)

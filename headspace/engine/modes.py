@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 
 from headspace.attention.hook import ATTENTION_NAME
 from headspace.errors import HeadspaceError
-from headspace.eviction.budget import budget_cache, split_options
+from headspace.eviction.budget import budget_cache, held_tokens, split_options
 from headspace.eviction.policies import POLICIES, make_policy
 from headspace.kv.cache import OffloadOptions, offload_cache
 from headspace.models import weight_bytes
@@ -173,8 +173,8 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
 
     def footprint(request: CacheRequest) -> tuple[int, int]:
         budget = request.options[0].resolve(request.prompt_tokens or request.tokens)
-        on_device = min(request.tokens, budget + request.chunk_size)
-        device = plan(request.shape, on_device, request.dtype, "full").device_kv_bytes
+        held = held_tokens(request.options[1], budget, request.chunk_size, request.prompt_tokens)
+        device = plan(request.shape, held, request.dtype, "full").device_kv_bytes  # reserved even for a short prompt
         return device, host_plan(request)[1].host_kv_bytes if offload else 0
 
     def make_cache(request: CacheRequest) -> Cache:

@@ -21,7 +21,8 @@ A policy may spread the budget unevenly over layers (``Policy.layer_budgets``:
 PyramidKV gives lower layers more, the total unchanged), and a policy that
 ``compress_once`` (query-aware SnapKV) makes the layer keep the whole prompt until
 its last chunk has been scored, then cut to the budget once and evict as usual
-from there (peak memory is then the prompt, not budget + chunk).
+from there (peak memory is then the prompt, not budget + chunk: :func:`held_tokens`,
+which the layer reserves up front and the mode's footprint counts).
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
 (prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), and for
@@ -142,6 +143,16 @@ def split_options(policy: str, options: dict, offload: bool = False) -> tuple[Bu
             {k: v for k, v in options.items() if k in policy_names})
 
 
+def held_tokens(policy: Policy, budget: int, chunk_size: int, prompt_tokens: int | None) -> int:
+    """The most tokens per KV head a budgeted layer stores at once: the budget and a chunk, or, for a policy that
+    compresses once, the whole prompt until its last chunk (the layer reserves it up front, so the store never
+    grows past it)."""
+    held = budget + chunk_size
+    if policy.compress_once and prompt_tokens:
+        held = max(held, prompt_tokens)
+    return held
+
+
 class BudgetLayer(HeadspaceLayer):
     """A full-attention layer that keeps at most ``budget`` tokens per KV head on the device.
 
@@ -168,7 +179,7 @@ class BudgetLayer(HeadspaceLayer):
         batch, heads, _, dim = key_states.shape
         self.heads = heads
         self.store = DeviceKV(batch, heads, dim, self.dtype, self.device)
-        self.store.reserve(self.budget + self.chunk_size)
+        self.store.reserve(held_tokens(self.policy, self.budget, self.chunk_size, self.settings.prompt_tokens))
         self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
         if self.transfers is not None:

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The evaluation tables of issue 14 on one GPU: SmolLM2-135M at 4K and 8K tokens, Gemma 3 270M at 8K, 16K
+# and 32K; every RULER-style task and the held-out family; full, locret and every baseline at 4x and 8x;
+# the question inside the compressed prompt and questions after compression.
+#
+#   benchmarks/eval_gpu.sh          # run (or resume) everything, at most LIMIT seconds, then write the tables
+#
+# Run the same command again until it prints "all tables written": every generation is written to its JSON as
+# it ends, so a call stopped by LIMIT loses only the generations in flight, and the next call resumes. Each
+# (model, length, setting) runs in its own process, all at once: the models are tiny, so a run is bound by
+# Python and kernel launches, not by the GPU, and ten processes share one H100 (16 cores) well.
+#
+# Per (model, length): 21 columns (full; 10 policies x 2 ratios), one sample per cell, noise and varied
+# haystacks, depths 0.1/0.5/0.9. Inside: 17 prompts per column (357 generations); after: 4 documents prefilled
+# once per column and 17 questions (357 answers). 3,570 generations over the five (model, length) pairs.
+# Estimate on the H100 (float32; the earlier SmolLM2 run: ~45 ms per decoded token, ~300 tokens per column and
+# setting): 4-6 min for each SmolLM2 and Gemma 8K/16K process alone, ~8 min for Gemma 32K inside (32 chunks of
+# 1024 per prefill); with ten processes sharing the GPU, two calls of 10 minutes should finish, a third is spare.
+#
+# Outputs, per MODEL_LEN (smollm2-135m_4k, smollm2-135m_8k, gemma3-270m_8k, gemma3-270m_16k, gemma3-270m_32k):
+#   benchmarks/results/eval_MODEL_LEN.json   every record (setting, task, haystack, depth, mode, score, digits)
+#   benchmarks/results/eval_MODEL_LEN.md     the table: inside rows, [after] rows, group means, held-out apart
+#   benchmarks/results/eval_MODEL_LEN.png    single-needle heatmap (varied haystack), and ..._after.png
+# The per-setting runs write benchmarks/results/parts/eval_MODEL_LEN_SETTING.json (and .log).
+#
+# Environment: LIMIT (seconds for the runs of one call, default 540), CHUNK (prefill chunk, default 1024: a
+# 4K prompt is evicted from four times, so no mode sees the question before it compresses), DTYPE (float32),
+# DEVICE (cuda), MODES and TASKS (default: every mode and task above).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+LIMIT=${LIMIT:-540}
+CHUNK=${CHUNK:-1024}
+DTYPE=${DTYPE:-float32}
+DEVICE=${DEVICE:-cuda}
+TASKS=${TASKS:-niah_single,niah_multikey,niah_multivalue,variable_tracking,common_words,heldout_single,heldout_multikey}
+RESULTS=benchmarks/results
+PARTS=$RESULTS/parts
+MODES=${MODES:-full,locret,streamingllm,snapkv,snapkv-question,expected-attention,tova,knorm,h2o,pyramidkv,random}
+RUNS=("smollm2-135m 4k 4096" "smollm2-135m 8k 8000" "gemma3-270m 8k 8192" "gemma3-270m 16k 16384"
+      "gemma3-270m 32k 32000")
+SETTINGS=(inside after)
+mkdir -p "$PARTS"
+
+eval_args() {  # MODEL TOKENS: the arguments every run of that pair shares
+    echo --model "$1" --device "$DEVICE" --dtype "$DTYPE" --modes "$MODES" --compressions 4,8 \
+        --haystacks varied,noise --depths 0.1,0.5,0.9 --samples 1 --seed 0 --chunk-size "$CHUNK" --lengths "$2" \
+        --tasks "$TASKS"
+}
+
+done_json() {  # a results file the harness finished (it writes the table last)
+    [ -f "$1" ] && python3 -c "import json, sys; sys.exit(0 if 'table' in json.load(open('$1')) else 1)"
+}
+
+# the first load of each model dequantizes its GGUF into the cache: once, before the parallel runs
+python3 -c "import headspace; [headspace.load_model(m, device='cpu') for m in ('smollm2-135m', 'gemma3-270m')]"
+
+pids=()
+for run in "${RUNS[@]}"; do
+    read -r model name tokens <<<"$run"
+    for setting in "${SETTINGS[@]}"; do
+        part=$PARTS/eval_${model}_${name}_${setting}.json
+        done_json "$part" && continue
+        # shellcheck disable=SC2046
+        timeout "$LIMIT" python3 -m headspace eval $(eval_args "$model" "$tokens") --settings "$setting" --out "$part" \
+            >>"${part%.json}.log" 2>&1 &
+        pids+=($!)
+    done
+done
+for pid in "${pids[@]}"; do wait "$pid" || true; done  # 124: stopped by LIMIT, resumed by the next call
+
+missing=0
+for run in "${RUNS[@]}"; do
+    read -r model name tokens <<<"$run"
+    parts=()
+    unfinished=0
+    for setting in "${SETTINGS[@]}"; do parts+=("$PARTS/eval_${model}_${name}_${setting}.json"); done
+    for part in "${parts[@]}"; do
+        if ! done_json "$part"; then
+            echo "unfinished: $part ($(python3 -c "import json; print(len(json.load(open('$part'))['records']))" \
+                2>/dev/null || echo 0) records): run this script again"
+            unfinished=1
+            missing=1
+        fi
+    done
+    [ "$unfinished" = 0 ] || continue
+    out=$RESULTS/eval_${model}_${name}.json
+    python3 - "$out" "${parts[@]}" <<'EOF'
+import json, sys
+out, parts = sys.argv[1], [json.load(open(p)) for p in sys.argv[2:]]
+json.dump({"records": [r for p in parts for r in p["records"]]}, open(out, "w"))
+EOF
+    # every record is there: this loads the model, runs nothing, and writes the table, markdown and heatmaps
+    # shellcheck disable=SC2046
+    python3 -m headspace eval $(eval_args "$model" "$tokens") --settings inside,after --out "$out" \
+        --markdown "$RESULTS/eval_${model}_${name}.md" --heatmap "$RESULTS/eval_${model}_${name}.png" \
+        > /dev/null 2>>"$PARTS/eval_${model}_${name}_report.log"
+    echo "wrote $out and its table $RESULTS/eval_${model}_${name}.md"
+done
+if [ "$missing" = 0 ]; then echo "all tables written"; else exit 3; fi

@@ -121,3 +121,20 @@ def test_modes_that_cannot_keep_a_document_are_noted():
 
     notes = after_notes([ModeSpec("hf-offload", "hf-offload"), ModeSpec("full", "full")])
     assert len(notes) == 1 and notes[0].startswith("hf-offload: not run after compression")
+
+
+def test_eval_cli_runs_both_settings_and_draws_a_heatmap_for_each(model, byte_tokenizer, tmp_path, capsys,
+                                                                 cpu_default_device):
+    directory = tmp_path / "tiny"
+    model.save_pretrained(directory)
+    byte_tokenizer.save_pretrained(directory)
+    out, png, markdown = tmp_path / "eval.json", tmp_path / "heat.png", tmp_path / "eval.md"
+    assert main(["eval", "--model", str(directory), "--modes", "full", "--tasks", "niah_single", "--lengths", "2000",
+                 "--depths", "0.5", "--chunk-size", "512", "--out", str(out), "--heatmap", str(png),
+                 "--markdown", str(markdown)]) == 0
+    printed = capsys.readouterr().out
+    assert "| niah_single @2000 | 1 |" in printed and "| niah_single @2000 [after] | 1 |" in printed
+    assert markdown.read_text().strip() == printed.strip()
+    assert [r["setting"] for r in json.loads(out.read_text())["records"]] == ["inside", "after"]
+    assert_drawn(png, min_width=100, min_height=100)
+    assert_drawn(tmp_path / "heat_after.png", min_width=100, min_height=100)

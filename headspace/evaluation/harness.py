@@ -97,7 +97,9 @@ class EvalConfig:
     seed: int = 0
     chunk_size: int = 1024
     haystacks: tuple[str, ...] = ("noise",)  # the main tasks' haystacks ("noise", "varied")
-    settings: tuple[str, ...] = ("inside",)  # "inside" (question in the compressed prompt), "after" (documents)
+    # "inside" (the question in the compressed prompt) and/or "after" (documents asked after compression; the CLI
+    # runs both by default)
+    settings: tuple[str, ...] = ("inside",)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.settings) - set(SETTINGS))
@@ -181,9 +183,9 @@ def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, ou
         total = len(samples) * len(specs) + sum(len(d.questions) for d in documents) * len(after_specs)
         bar = tqdm(total=total, desc="evaluating", unit="run")
 
-    def record(sample: Sample, spec: ModeSpec, setting: str, generation, seconds: float) -> None:
+    def record(sample: Sample, spec: ModeSpec, setting: str, generation, seconds: float, **extra) -> None:
         entry = {"task": sample.task, "haystack": sample.haystack, "length": sample.length, "depth": sample.depth,
-                 "index": sample.index, "mode": spec.label, "setting": setting,
+                 "index": sample.index, "mode": spec.label, "setting": setting, **extra,
                  "score": score(sample, generation.text), "digits": digit_score(sample, generation.text),
                  "output": generation.text, "answers": sample.answers,
                  "prompt_tokens": generation.stats.prompt_tokens, "cached_tokens": generation.stats.cached_tokens,
@@ -221,14 +223,17 @@ def evaluate(model, tokenizer, specs: Sequence[ModeSpec], config: EvalConfig, ou
             if not pending:
                 continue
             engine = engines[spec.label]
+            start = time.perf_counter()
             kept = engine.prefill_document(document.context)  # once, before any question is seen
+            prefill_seconds = round(time.perf_counter() - start, 3)
             for question in pending:
                 start = time.perf_counter()
                 generation = engine.ask(kept, question.question, max_new_tokens=question.max_new_tokens)
-                record(question, spec, "after", generation, time.perf_counter() - start)
+                record(question, spec, "after", generation, time.perf_counter() - start,
+                       document_seconds=prefill_seconds)
                 if bar is not None:
                     bar.update(1)
-            del kept
+            del kept  # its cache is freed before the next document's is allocated
     if bar is not None:
         bar.close()
     results["notes"] = after_notes(specs) if documents else []

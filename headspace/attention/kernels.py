@@ -150,7 +150,8 @@ def decode_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             query, keys, values, 0.0, False, False, scale=scaling)[:2]
-        return out, lse
+        batch, heads, length = query.shape[:3]
+        return out, lse.reshape(batch, heads, -1)[..., :length]
     return attention_lse(query, keys, values, scaling)
 
 

@@ -41,7 +41,8 @@ class GraphDecoder:
     the cache goes, so does the graph at the next step of another cache.
     """
 
-    def __init__(self, model: PreTrainedModel, capture: bool, tail: int = TAIL_TOKENS):
+    def __init__(self, model: PreTrainedModel, capture: bool, tail: int | None = None):
+        tail = TAIL_TOKENS if tail is None else tail
         if tail < 1:
             raise ValueError(f"tail must be at least 1, got {tail}")
         self.model, self.capture, self.tail = model, capture, tail

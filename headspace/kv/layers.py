@@ -131,6 +131,7 @@ class WindowLayer(HeadspaceLayer):
         self.store.keep_last(self.window - 1)
         slots = self.store.length + static.tail
         self.store.reserve(slots)
+        self.store.clear(self.store.length, slots)
         self._static = (self.store.storage, self.length - self.store.length, slots)  # storage, slot 0's position
 
     def static_covers(self, static: StaticDecode) -> bool:
@@ -325,6 +326,7 @@ class OffloadLayer(HeadspaceLayer):
         if static.prefix + static.tail > self.resident.capacity:
             raise HeadspaceError(f"a static tail of {static.tail} slots after {static.prefix} positions does not fit "
                                  f"the {self.resident.capacity} reserved")
+        self.resident.clear(static.prefix, static.prefix + static.tail)
         self._static_storage = self.resident.storage
 
     def static_covers(self, static: StaticDecode) -> bool:

@@ -118,6 +118,12 @@ class DeviceKV:
         """Positions [start, stop) of the storage, written or not (``stop`` at most :attr:`capacity`)."""
         return self._k[:, :, start:stop], self._v[:, :, start:stop]
 
+    def clear(self, start: int, stop: int) -> None:
+        """Zero positions [start, stop): fresh storage may hold NaN, which a masked slot would still carry into an
+        attention output (a zero weight times NaN is NaN), so slots a mask skips must hold numbers."""
+        self._k[:, :, start:stop].zero_()
+        self._v[:, :, start:stop].zero_()
+
     def write_at(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store one position ``(batch, heads, 1, dim)`` at ``index``, a device tensor ``(1,)``: where it goes
         is read on the device, so the same call serves every token of a replayed graph. :meth:`extend` counts it."""

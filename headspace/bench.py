@@ -10,7 +10,8 @@ Modes are engine modes; ``offload`` takes suffixes for its placement:
 ``offload/gpu0`` (every head offloaded, the least GPU memory), ``offload/gpuauto``
 (the planner fills the GPU first), ``offload/gpu6`` (6 heads of every layer resident),
 ``offload/cpu3`` and ``offload/cpuauto`` (offloaded heads attended on the host CPU in
-decode), combined as in ``offload/gpuauto/cpuauto``. Bare ``offload`` takes
+decode), ``offload/graphs`` and ``offload/eager`` (decode steps replayed from a CUDA graph or
+not, over ``--cuda-graphs``), combined as in ``offload/gpuauto/cpuauto``. Bare ``offload`` takes
 ``--gpu-heads`` (default ``auto``). A context of ``max`` is the largest this machine
 holds in the cell's mode (``full`` or ``offload``), planned after the weights load, in
 whole chunks and one chunk short of the limit.
@@ -221,10 +222,14 @@ def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
     return ceilings
 
 
+GRAPH_SUFFIXES = {"graphs": True, "eager": False}  # a cell's own cuda_graphs, over --cuda-graphs
+
+
 def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads: int | None,
                  gpu_memory: int | float | None) -> tuple[str, dict]:
-    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>`` and ``/cpu<N|auto>``
-    suffixes (bare: ``gpu_heads``), any other mode as it is."""
+    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>`` and
+    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says) suffixes
+    (bare: ``gpu_heads``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
         if suffixes:
@@ -237,9 +242,11 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
             options["gpu_heads"] = parse_gpu_heads(value)
         elif kind == "cpu" and (value == "auto" or value.isdigit()):
             options["cpu_heads"] = value if value == "auto" else int(value)
+        elif suffix in GRAPH_SUFFIXES:
+            options["cuda_graphs"] = GRAPH_SUFFIXES[suffix]
         else:
-            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto> nor /cpu<N|auto> "
-                                 f"(example: offload/gpuauto/cpuauto)")
+            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs "
+                                 f"nor /eager (example: offload/gpuauto/cpuauto)")
     return name, options
 
 
@@ -268,7 +275,7 @@ def run(preset: str, contexts: list[int | str], modes: dict[str, tuple[str, dict
         for mode, (name, options) in modes.items():
             graphs = cuda_graphs if cuda_graphs is not True or name == "offload" else "auto"  # full has none
             engine = Engine(model, None, mode=name, chunk_size=chunk_size, allow_beyond_positions=True,
-                            cuda_graphs=graphs, **options)
+                            **{"cuda_graphs": graphs, **options})
             tokens = context if isinstance(context, int) else 0
             try:
                 if mode not in warm:
@@ -349,8 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="32k,128k",
                         help="token counts (32k, 1m, 1310720); 'max': the largest this machine holds in each mode")
     parser.add_argument("--modes", default="full,hf-offload,offload",
-                        help="engine modes; offload takes /gpu<N|auto> and /cpu<N|auto> suffixes "
-                             "(offload/gpu0, offload/gpuauto/cpuauto)")
+                        help="engine modes; offload takes /gpu<N|auto>, /cpu<N|auto> and /graphs or /eager suffixes "
+                             "(offload/gpu0, offload/gpuauto/cpuauto, offload/gpuauto/eager)")
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--gpu-heads", type=argument_type(parse_gpu_heads), default="auto",

@@ -12,7 +12,7 @@ import torch
 from conftest import NEW_TOKENS, TinyModels, assert_logits_equal, kv_heads, max_diff
 
 import headspace.engine.graphs
-from headspace import Engine
+from headspace import Engine, HeadspaceError
 from headspace.kv.cache import HeadspaceCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
@@ -127,3 +127,23 @@ def test_bf16_graph_decode_is_no_further_from_float32_than_eager_decode(cuda_mod
             worst[i] = max(worst[i], max_diff(engine.decode_step(tokens[-1], caches[i]), expected))
         tokens.append(int(expected.argmax()))
     assert worst[1] <= 2 * worst[0] + 1e-3, worst
+
+
+def test_a_step_that_cannot_be_captured_decodes_eagerly_with_auto_and_is_refused_with_true(cuda_models):
+    """A forward that reads a value back to the host (as some rotary embeddings do) cannot be captured: 'auto'
+    warns and decodes eagerly, with the same tokens; True says what to pass."""
+    model = TinyModels().model("qwen2-sliding").to("cuda")
+    hook = model.model.embed_tokens.register_forward_hook(lambda module, args, out: float(out.sum()))
+    ids = prompt(40, 8)
+    try:
+        expected = Engine(model, mode="offload", chunk_size=32, gpu_heads=kv_heads(model.config), cuda_graphs=False,
+                          keep_bytes=0).generate(ids, max_new_tokens=8, stop_on_eos=False).token_ids
+        auto = Engine(model, mode="offload", chunk_size=32, gpu_heads=kv_heads(model.config), keep_bytes=0)
+        with pytest.warns(UserWarning, match="could not be captured"):
+            result = auto.generate(ids, max_new_tokens=8, stop_on_eos=False)
+        assert result.token_ids == expected and not result.stats.cuda_graph
+        insist = Engine(model, mode="offload", chunk_size=32, gpu_heads=kv_heads(model.config), cuda_graphs=True)
+        with pytest.raises(HeadspaceError, match="could not be captured.*cuda_graphs=False"):
+            insist.generate(ids, max_new_tokens=8, stop_on_eos=False)
+    finally:
+        hook.remove()

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,7 @@ from headspace.documents.document import Document
 from headspace.documents.files import RUNTIME_OPTIONS, DocumentFile, model_fingerprint
 from headspace.documents.files import save as save_document
 from headspace.documents.store import DocumentStore
-from headspace.engine.graphs import GraphDecoder
+from headspace.engine.graphs import CaptureError, GraphDecoder
 from headspace.engine.modes import MODES, CacheRequest, options_json
 from headspace.engine.sampling import SamplingParams, pick
 from headspace.engine.stats import Generation, Stats, placement_of
@@ -91,6 +92,7 @@ class Engine:
                                  f"'{self.mode.name}' decodes eagerly (pass cuda_graphs='auto' or False)")
         self.cuda_graphs = cuda_graphs
         self._graphs: GraphDecoder | None = None
+        self._capture_failed = False  # with "auto": this model's step could not be captured, decode eagerly
 
     def _store(self, keep_bytes: int | str | None) -> DocumentStore | None:
         if keep_bytes == "auto":
@@ -168,7 +170,7 @@ class Engine:
         ``cuda_graphs=True``, run in the same static form)."""
         if self.cuda_graphs is False or not isinstance(cache, HeadspaceCache) or not cache.static_capable:
             return False
-        return self.cuda_graphs is True or self.device.type == "cuda"
+        return self.cuda_graphs is True or (self.device.type == "cuda" and not self._capture_failed)
 
     def _request(self, tokens: int, prompt_tokens: int | None) -> CacheRequest:
         return CacheRequest(self.model, self.shape, self.options, tokens, prompt_tokens, self.chunk_size)
@@ -205,7 +207,13 @@ class Engine:
             self._use_attention()
             if self._graphs is None:
                 self._graphs = GraphDecoder(self.model, capture=self.device.type == "cuda")
-            return self._graphs.step(token, cache)
+            try:
+                return self._graphs.step(token, cache)
+            except CaptureError as error:
+                if self.cuda_graphs is True:
+                    raise HeadspaceError(f"{error}; decode eagerly with cuda_graphs=False") from error
+                warnings.warn(f"{error}; decoding eagerly", stacklevel=2)
+                self._capture_failed = True
         ids = token if isinstance(token, torch.Tensor) else torch.tensor([[token]], device=self.device)
         return self.forward(ids.reshape(1, 1).to(self.device), cache, Phase.DECODE)
 

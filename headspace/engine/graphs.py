@@ -33,6 +33,10 @@ TAIL_TOKENS = 256  # tokens decoded per capture: each step attends the tail thro
 SETTINGS = {"auto": "auto", "on": True, "off": False}  # the command line's --cuda-graphs -> Engine(cuda_graphs=...)
 
 
+class CaptureError(RuntimeError):
+    """The decode step could not be captured (something in the model's forward synchronizes with the host)."""
+
+
 class GraphDecoder:
     """One-token decode steps of one cache at a time, in the static form, captured in a CUDA graph when
     ``capture``.
@@ -53,6 +57,7 @@ class GraphDecoder:
         self._static: StaticDecode | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every capture
 
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor, cache: HeadspaceCache) -> torch.Tensor:
@@ -89,9 +94,13 @@ class GraphDecoder:
             self._forward(cache)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._logits = self._forward(cache)
-        self._graph = graph
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                logits = self._forward(cache)
+        except RuntimeError as error:  # the cache stays as it was: the step can still run eagerly
+            self._cache = self._static = None
+            raise CaptureError(f"the decode step could not be captured in a CUDA graph: {error}") from error
+        self._graph, self._logits = graph, logits
 
     def _forward(self, cache: HeadspaceCache) -> torch.Tensor:
         cache.phase = Phase.DECODE

@@ -323,9 +323,7 @@ class OffloadLayer(HeadspaceLayer):
         return self.resident.capacity
 
     def begin_static(self, static: StaticDecode) -> None:
-        if static.prefix + static.tail > self.resident.capacity:
-            raise HeadspaceError(f"a static tail of {static.tail} slots after {static.prefix} positions does not fit "
-                                 f"the {self.resident.capacity} reserved")
+        """The tail fits: the cache sized it to the room :meth:`static_room` made."""
         self.resident.clear(static.prefix, static.prefix + static.tail)
         self._static_storage = self.resident.storage
 

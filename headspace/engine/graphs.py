@@ -57,7 +57,6 @@ class GraphDecoder:
         self._static: StaticDecode | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
-        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for every capture
 
     @torch.inference_mode()
     def step(self, token: int | torch.Tensor, cache: HeadspaceCache) -> torch.Tensor:
@@ -95,7 +94,8 @@ class GraphDecoder:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with torch.cuda.graph(graph):  # its own pool: freed with the graph (a pool shared across
+                # captures broke the allocator once every graph using it had gone)
                 logits = self._forward(cache)
         except RuntimeError as error:  # the cache stays as it was: the step can still run eagerly
             self._cache = self._static = None

@@ -10,7 +10,8 @@ Modes are engine modes; ``offload`` takes suffixes for its placement:
 ``offload/gpu0`` (every head offloaded, the least GPU memory), ``offload/gpuauto``
 (the planner fills the GPU first), ``offload/gpu6`` (6 heads of every layer resident),
 ``offload/cpu3`` and ``offload/cpuauto`` (offloaded heads attended on the host CPU in
-decode), combined as in ``offload/gpuauto/cpuauto``. Bare ``offload`` takes
+decode), ``offload/graphs`` and ``offload/eager`` (decode steps replayed from a CUDA graph or
+not, over ``--cuda-graphs``), combined as in ``offload/gpuauto/cpuauto``. Bare ``offload`` takes
 ``--gpu-heads`` (default ``auto``). A context of ``max`` is the largest this machine
 holds in the cell's mode (``full`` or ``offload``), planned after the weights load, in
 whole chunks and one chunk short of the limit.
@@ -31,12 +32,13 @@ from pathlib import Path
 
 import torch
 
-from headspace.attention.kernels import split_decode_attention
 from headspace.engine.engine import Engine
+from headspace.engine.graphs import SETTINGS
 from headspace.engine.stats import placement_of
 from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import HeadspaceCache, OffloadOptions, kv_bytes, parse_gpu_heads
 from headspace.kv.layers import OffloadLayer
+from headspace.kv.split import copy_rate, host_attention_rate
 from headspace.kv.tiers import host_empty
 from headspace.models import default_device, default_dtype, random_model, weight_bytes
 from headspace.placement import largest_context, probe
@@ -73,6 +75,7 @@ class Cell:
     placement: str | None = None  # the cache's own one-line account of the above
     cpu_heads: int | str = 0  # host heads in the layer offloading the most; for "auto", the split found
     search_steps: int = 0  # decode steps the "auto" split search took before the timed ones
+    cuda_graph: bool = False  # decode steps were replayed from a CUDA graph (--cuda-graphs)
     error: str | None = None
 
 
@@ -157,12 +160,11 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
     while split is not None and not split.done and cell.search_steps < SEARCH_STEPS:  # cpu_heads "auto": untimed
         engine.decode_step(token, cache)
         cell.search_steps += 1
-    if split is not None:
-        cell.cpu_heads = split.current
     start = _sync(device)
     for _ in range(decode_steps):
         engine.decode_step(token, cache)
     cell.decode_steps = decode_steps
+    cell.cuda_graph = engine.graph_decodes(cache) and device.type == "cuda"
     cell.decode_tokens_per_s = decode_steps / (_sync(device) - start) if decode_steps else None
     if device.type == "cuda":
         cell.peak_gpu_bytes = torch.cuda.max_memory_allocated(device)
@@ -172,6 +174,7 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
         cell.gpu_heads = [layer.gpu_heads for layer in layers]
         cell.total_heads = sum(layer.heads for layer in layers)
         cell.host_heads = [layer.cpu_heads for layer in layers]
+        cell.cpu_heads = max(cell.host_heads)  # for "auto", the split found
         cell.group_heads = max(min(layer.group_heads, layer.offloaded) for layer in layers)
         cell.placement = placement_of(cache)
     if engine.mode.name in ("full", "offload"):  # where every byte a step reads is known
@@ -213,27 +216,20 @@ def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
         copies = (("hbm_bytes_per_s", other, dev, 2), ("h2d_bytes_per_s", dev, host, 1),
                   ("d2h_bytes_per_s", host, dev, 1))
         for name, dst, src, moved in copies:
-            dst.copy_(src, non_blocking=True)
-            start = _sync(device)
-            for _ in range(3):
-                dst.copy_(src, non_blocking=True)
-            ceilings[name] = 3 * moved * gib * GIB / (_sync(device) - start)
+            ceilings[name] = moved * copy_rate(dst, src, device)
         del host, dev, other
-    keys = torch.randn(1, 2, 2**18, 128, dtype=torch.bfloat16)  # 2 heads x 256K tokens: 128 MiB, K and V alike
-    query = torch.randn(1, 2, 4, 128, dtype=torch.bfloat16)
-    splits = 4 * torch.get_num_threads()
-    split_decode_attention(query, [(keys, keys)], 0.1, splits)
-    start = time.perf_counter()
-    for _ in range(3):
-        split_decode_attention(query, [(keys, keys)], 0.1, splits)
-    ceilings["host_attention_bytes_per_s"] = 3 * 2 * keys.numel() * keys.element_size() / (time.perf_counter() - start)
+    ceilings["host_attention_bytes_per_s"] = host_attention_rate()
     return ceilings
+
+
+GRAPH_SUFFIXES = {"graphs": True, "eager": False}  # a cell's own cuda_graphs, over --cuda-graphs
 
 
 def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads: int | None,
                  gpu_memory: int | float | None) -> tuple[str, dict]:
-    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>`` and ``/cpu<N|auto>``
-    suffixes (bare: ``gpu_heads``), any other mode as it is."""
+    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>`` and
+    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says) suffixes
+    (bare: ``gpu_heads``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
         if suffixes:
@@ -246,9 +242,11 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
             options["gpu_heads"] = parse_gpu_heads(value)
         elif kind == "cpu" and (value == "auto" or value.isdigit()):
             options["cpu_heads"] = value if value == "auto" else int(value)
+        elif suffix in GRAPH_SUFFIXES:
+            options["cuda_graphs"] = GRAPH_SUFFIXES[suffix]
         else:
-            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto> nor /cpu<N|auto> "
-                                 f"(example: offload/gpuauto/cpuauto)")
+            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs "
+                                 f"nor /eager (example: offload/gpuauto/cpuauto)")
     return name, options
 
 
@@ -267,14 +265,17 @@ def largest(engine: Engine, decode_steps: int) -> int:
 
 
 def run(preset: str, contexts: list[int | str], modes: dict[str, tuple[str, dict]], chunk_size: int,
-        decode_steps: int, synthetic_from: int | None, device: torch.device, ceilings: dict[str, float]) -> list[Cell]:
+        decode_steps: int, synthetic_from: int | None, device: torch.device, ceilings: dict[str, float],
+        cuda_graphs: bool | str = "auto") -> list[Cell]:
     """Measure every (mode, context) cell; ``modes`` maps each bench mode to its engine mode and options
-    (:func:`mode_options`)."""
+    (:func:`mode_options`); ``cuda_graphs`` is the engines' (``"auto"``: where every head is resident)."""
     model = random_model(preset, device, default_dtype(device))
     cells, warm = [], set()
     for context in contexts:
         for mode, (name, options) in modes.items():
-            engine = Engine(model, None, mode=name, chunk_size=chunk_size, allow_beyond_positions=True, **options)
+            graphs = cuda_graphs if cuda_graphs is not True or name == "offload" else "auto"  # full has none
+            engine = Engine(model, None, mode=name, chunk_size=chunk_size, allow_beyond_positions=True,
+                            **{"cuda_graphs": graphs, **options})
             tokens = context if isinstance(context, int) else 0
             try:
                 if mode not in warm:
@@ -355,8 +356,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", default="32k,128k",
                         help="token counts (32k, 1m, 1310720); 'max': the largest this machine holds in each mode")
     parser.add_argument("--modes", default="full,hf-offload,offload",
-                        help="engine modes; offload takes /gpu<N|auto> and /cpu<N|auto> suffixes "
-                             "(offload/gpu0, offload/gpuauto/cpuauto)")
+                        help="engine modes; offload takes /gpu<N|auto>, /cpu<N|auto> and /graphs or /eager suffixes "
+                             "(offload/gpu0, offload/gpuauto/cpuauto, offload/gpuauto/eager)")
     parser.add_argument("--chunk-size", type=int, default=4096)
     parser.add_argument("--decode-steps", type=int, default=8)
     parser.add_argument("--gpu-heads", type=argument_type(parse_gpu_heads), default="auto",
@@ -366,6 +367,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group-heads", type=int, default=None, help="default: automatic")
     parser.add_argument("--synthetic-from", type=parse_tokens, default=None,
                         help="contexts at or above this use a random-KV prefix and time only the last chunk")
+    parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
+                        help="decode from a CUDA graph: auto (default: offload cells whose heads are all resident), "
+                             "on (offload cells refuse a plan that offloads heads), off (eager, as before)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--plot", type=Path, default=None)
@@ -391,11 +395,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                                    for name, rate in ceilings.items()), flush=True)
     print(HEADER, flush=True)
     cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from, device,
-                ceilings)
+                ceilings, SETTINGS[args.cuda_graphs])
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "ceilings": ceilings}
+            "cuda_graphs": args.cuda_graphs, "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:
         plot(cells, args.plot)

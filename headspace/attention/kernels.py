@@ -138,6 +138,52 @@ def decode_attention(
     return (out / total).to(query.dtype)
 
 
+def decode_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention with its log-sum-exp: ``query`` (B, Hk, R, D), the R query heads of each KV head
+    folded into the query axis, over every key of ``keys``/``values`` (B, Hk, L, D). Returns the output
+    (B, Hk, R, D) and the log-sum-exp (B, Hk, R) in float32 or above.
+
+    Flash attention on the GPU in half precision (it splits long key ranges over the GPU), the kernels of
+    :func:`attention_lse` otherwise.
+    """
+    if query.device.type == "cuda" and query.dtype in (torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+            query, keys, values, 0.0, False, False, scale=scaling)[:2]
+        batch, heads, length = query.shape[:3]
+        return out, lse.reshape(batch, heads, -1)[..., :length]
+    return attention_lse(query, keys, values, scaling)
+
+
+def masked_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    mask: torch.Tensor,
+    prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Decode attention over a fixed number of key slots of which ``mask`` says which count: the shape stays
+    the same from token to token, so a CUDA graph can replay it while the slots fill.
+
+    ``query`` (B, Hk, R, D) (query heads folded per KV head) over ``keys``/``values`` (B, Hk, N, D), with
+    ``mask`` (N,) added to the float32 scores: 0 for a slot that counts, -inf for one that does not (at
+    least one counts). ``prefix``: the output and log-sum-exp (:func:`decode_lse`) of the same queries over
+    keys before these, merged exactly: the prefix enters the softmax as one more score, its log-sum-exp,
+    and its weight there scales its output. Returns (B, Hk, R, D).
+    """
+    acc = accumulation(query.dtype)
+    scores = torch.matmul(query.to(acc) * scaling, keys.to(acc).transpose(-1, -2)) + mask
+    if prefix is not None:
+        scores = torch.cat([prefix[1].to(acc)[..., None], scores], dim=-1)
+    weights = torch.softmax(scores, dim=-1)
+    slots = keys.shape[2]
+    out = torch.matmul(weights[..., -slots:].to(values.dtype), values).to(acc)
+    if prefix is not None:
+        out = torch.addcmul(out, weights[..., :1], prefix[0].to(acc))
+    return out.to(query.dtype)
+
+
 def split_decode_attention(
     query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float, splits: int
 ) -> torch.Tensor:

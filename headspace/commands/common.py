@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from headspace.documents.document import Document
 from headspace.documents.files import DocumentFile
 from headspace.engine.engine import Engine
+from headspace.engine.graphs import SETTINGS
 from headspace.engine.modes import MODES, budgeted_modes
 from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import OffloadOptions, parse_gpu_heads
@@ -163,6 +164,17 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                              "beside the streamed ones; 'auto' times the first decode steps to find the fastest split")
     parser.add_argument("--allow-beyond-positions", action="store_true",
                         help="run past the model's max_position_embeddings instead of refusing")
+
+
+def add_graph_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
+                        help="replay decode steps from a CUDA graph: 'auto' (default) when every KV head is on the "
+                             "GPU, 'on' to insist (refused for a plan that offloads heads), 'off' to decode eagerly")
+
+
+def cuda_graphs(args: argparse.Namespace) -> bool | str:
+    """The engine's ``cuda_graphs`` from ``--cuda-graphs`` (``"auto"`` where the command has no such flag)."""
+    return SETTINGS[getattr(args, "cuda_graphs", "auto")]
 
 
 def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "offload") -> None:
@@ -310,7 +322,7 @@ def open_document(args: argparse.Namespace, path: str) -> tuple[Engine, Document
     options = {**(manifest["options"] if args.mode == manifest["mode"] else {}), **mode_options(args, config)}
     model, tokenizer = load_model(args.model, device, dtype)
     engine = Engine(model, tokenizer, mode=args.mode, chunk_size=args.chunk_size,
-                    allow_beyond_positions=args.allow_beyond_positions, **options)
+                    allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args), **options)
     start = time.perf_counter()
     with Progress("load", "B") as progress:
         document = engine.load(file.path, on_progress=progress)

@@ -10,9 +10,11 @@ from pathlib import Path
 from headspace.commands.common import (
     Progress,
     TokenStream,
+    add_graph_option,
     add_mode_options,
     add_model_options,
     add_sampling_options,
+    cuda_graphs,
     mode_options,
     note,
     open_document,
@@ -43,6 +45,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_mode_options(parser, default=None)
     parser.add_argument("--chunk-size", type=positive_int, metavar="N",
                         help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_graph_option(parser)
     add_sampling_options(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.add_argument("--json", metavar="PATH", help="also write text, token ids and stats to PATH as JSON")
@@ -77,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
             note("no prompt given: using the built-in example, the pass key 68142 hidden in ~4K tokens of filler")
         model, tokenizer = load_model(args.model, device, dtype)
         engine = Engine(model, tokenizer, mode=args.mode, chunk_size=args.chunk_size,
-                        allow_beyond_positions=args.allow_beyond_positions, **options)
+                        allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args), **options)
         ids = engine.encode(prompt, chat=args.chat)  # before the bar: a model without a chat template stops here
         stream = TokenStream()
         with Progress() as progress:

@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -29,6 +30,7 @@ from headspace.documents.document import Document
 from headspace.documents.files import RUNTIME_OPTIONS, DocumentFile, model_fingerprint
 from headspace.documents.files import save as save_document
 from headspace.documents.store import DocumentStore
+from headspace.engine.graphs import CaptureError, GraphDecoder
 from headspace.engine.modes import MODES, CacheRequest, options_json
 from headspace.engine.sampling import SamplingParams, pick
 from headspace.engine.stats import Generation, Stats, placement_of
@@ -54,6 +56,11 @@ class Engine:
     of their caches; least recently used dropped first): a count, a size such as ``"20GiB"``,
     ``"auto"`` (the default: half of the host's RAM) or 0 to keep none. Whatever the bound, kept
     prompts are dropped before any new cache is allocated until it fits the free memory.
+
+    ``cuda_graphs`` (:mod:`headspace.engine.graphs`): decode steps replayed from a CUDA graph.
+    ``"auto"`` (the default) on CUDA whenever the cache holds every KV head on the GPU (an
+    ``offload`` plan with nothing offloaded); ``True`` asks for it and refuses a cache it cannot
+    serve (on a CPU it runs the same static decode step without a graph); ``False`` decodes eagerly.
     """
 
     def __init__(
@@ -64,6 +71,7 @@ class Engine:
         chunk_size: int | None = None,
         allow_beyond_positions: bool = False,
         keep_bytes: int | str | None = "auto",
+        cuda_graphs: bool | str = "auto",
         **options,
     ):
         if mode not in MODES:
@@ -77,6 +85,14 @@ class Engine:
         self.allow_beyond_positions = allow_beyond_positions
         self.options = self.mode.parse(options)
         self.kept = self._store(keep_bytes)
+        if cuda_graphs not in (True, False, "auto"):
+            raise HeadspaceError(f"cuda_graphs must be True, False or 'auto', got {cuda_graphs!r}")
+        if cuda_graphs is True and self.mode.name != "offload":
+            raise HeadspaceError(f"cuda_graphs=True needs mode 'offload' with every KV head on the GPU; mode "
+                                 f"'{self.mode.name}' decodes eagerly (pass cuda_graphs='auto' or False)")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: GraphDecoder | None = None
+        self._capture_failed = False  # with "auto": this model's step could not be captured, decode eagerly
 
     def _store(self, keep_bytes: int | str | None) -> DocumentStore | None:
         if keep_bytes == "auto":
@@ -142,7 +158,19 @@ class Engine:
         """Drop kept prompts until ``request`` fits, then build its cache."""
         self._use_attention()
         self._make_room(request)
-        return self.mode.make_cache(request)
+        cache = self.mode.make_cache(request)
+        if self.cuda_graphs is True and not (isinstance(cache, HeadspaceCache) and cache.static_capable):
+            raise HeadspaceError(f"cuda_graphs=True needs every KV head on the GPU, but this plan offloads some "
+                                 f"({placement_of(cache)}); keep them resident (gpu_heads, a shorter context) or "
+                                 f"pass cuda_graphs='auto'")
+        return cache
+
+    def graph_decodes(self, cache: Cache) -> bool:
+        """Whether decode steps of ``cache`` are replayed from a CUDA graph (or, on a CPU with
+        ``cuda_graphs=True``, run in the same static form)."""
+        if self.cuda_graphs is False or not isinstance(cache, HeadspaceCache) or not cache.static_capable:
+            return False
+        return self.cuda_graphs is True or (self.device.type == "cuda" and not self._capture_failed)
 
     def _request(self, tokens: int, prompt_tokens: int | None) -> CacheRequest:
         return CacheRequest(self.model, self.shape, self.options, tokens, prompt_tokens, self.chunk_size)
@@ -175,6 +203,17 @@ class Engine:
 
     def decode_step(self, token: int | torch.Tensor, cache: Cache) -> torch.Tensor:
         """Feed one new token; the logits of the next."""
+        if self.graph_decodes(cache):
+            self._use_attention()
+            if self._graphs is None:
+                self._graphs = GraphDecoder(self.model, capture=self.device.type == "cuda")
+            try:
+                return self._graphs.step(token, cache)
+            except CaptureError as error:
+                if self.cuda_graphs is True:
+                    raise HeadspaceError(f"{error}; decode eagerly with cuda_graphs=False") from error
+                warnings.warn(f"{error}; decoding eagerly", stacklevel=2)
+                self._capture_failed = True
         ids = token if isinstance(token, torch.Tensor) else torch.tensor([[token]], device=self.device)
         return self.forward(ids.reshape(1, 1).to(self.device), cache, Phase.DECODE)
 
@@ -383,6 +422,7 @@ class Engine:
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         stats.device_kv_bytes, stats.host_kv_bytes = kv_bytes(cache)
         stats.placement = placement_of(cache)
+        stats.cuda_graph = self.graph_decodes(cache) and self.device.type == "cuda"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else None
         return Generation(text, tokens, stats)
 

@@ -23,6 +23,7 @@ class Stats:
     device_kv_bytes: int | None = None
     host_kv_bytes: int | None = None
     placement: str | None = None  # where the KV heads were and how decode attended them (offloading caches)
+    cuda_graph: bool = False  # decode steps were replayed from a CUDA graph
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -39,7 +40,8 @@ class Stats:
         cached = f", {self.cached_tokens} cached" if self.cached_tokens else ""
         parts = [f"prefill {self.prompt_tokens} tok{cached} in {self.prefill_seconds:.2f} s "
                  f"({self.prefill_tokens_per_s:,.0f} tok/s)",
-                 f"decode {self.new_tokens} tok at {self.decode_tokens_per_s:.1f} tok/s"]
+                 f"decode {self.new_tokens} tok at {self.decode_tokens_per_s:.1f} tok/s"
+                 f"{' (CUDA graph)' if self.cuda_graph else ''}"]
         if self.peak_device_bytes is not None:
             parts.append(f"peak GPU {human_bytes(self.peak_device_bytes)}")
         if self.device_kv_bytes is not None:

@@ -27,7 +27,8 @@ from transformers.cache_utils import Cache
 from headspace.attention.hook import active_cache
 from headspace.errors import HeadspaceError
 from headspace.kv.layers import HeadspaceLayer, OffloadLayer, Phase, WindowLayer
-from headspace.kv.split import SplitSearch, layer_share
+from headspace.kv.split import SplitSearch, layer_share, measured_rates, predicted_split
+from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.shape import ModelShape
 from headspace.units import parse_memory_cap
@@ -128,8 +129,14 @@ class HeadspaceCache(Cache):
         self._next_streamed: dict[Phase, dict[int, int]] = {}
         self._link()
         self._step_started: float | None = None
+        self.static: StaticDecode | None = None  # the static form of decode, once begun (see begin_static)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if self.static is not None and self.static.running:
+            self.layers[layer_idx].update_static(key_states, value_states, self.static)
+            self._stored = (layer_idx, key_states)
+            active_cache.set(weakref.ref(self))
+            return key_states, value_states
         if layer_idx == 0:
             self._forward_phase = self.phase or (
                 Phase.DECODE if key_states.shape[2] == 1 and self.get_seq_length() > 0 else Phase.PREFILL)
@@ -174,11 +181,45 @@ class HeadspaceCache(Cache):
     def attend(self, layer_idx: int, query: torch.Tensor, scaling: float) -> torch.Tensor:
         self._stored = None
         layer = self.layers[layer_idx]
+        if self.static is not None and self.static.running:
+            return layer.attend_static(query, scaling, self.static)
         if isinstance(layer, OffloadLayer):
             nxt = self._next_streamed[self._forward_phase].get(layer_idx)
             return layer.attend(query, scaling, self.staging, self._forward_phase,
                                 after=self.layers[nxt] if nxt is not None else None)
         return layer.attend(query, scaling, self.staging, self._forward_phase)
+
+    # -- the static form of decode (headspace.kv.static), which a CUDA graph can replay ----------------------
+    @property
+    def static_capable(self) -> bool:
+        """Whether decode can take the static form: every KV head on the device (nothing streamed or attended
+        on the host, which takes Python per token)."""
+        return bool(self.layers) and all(layer.static_capable for layer in self.layers)
+
+    def begin_static(self, tail: int) -> StaticDecode:
+        """Fix the storage of the next decode steps: the positions stored now become the prefix, and up to
+        ``tail`` more (fewer where the room reserved ends first, at least one) are written at the position
+        :attr:`StaticDecode.position` holds. Run the steps inside :meth:`StaticDecode.step`, then count
+        each with :meth:`advance_static`."""
+        prefix = self.get_seq_length()
+        if not self.static_capable or prefix == 0:
+            raise HeadspaceError("the static form of decode needs every KV head on the device, after a prefill")
+        room = [layer.static_room(prefix + 1) - prefix for layer in self._offload_layers]
+        device = next(layer.device for layer in self.layers)
+        self.static = StaticDecode(device, prefix, min([tail, *room]))
+        for layer in self.layers:
+            layer.begin_static(self.static)
+        return self.static
+
+    def static_covers(self, static: StaticDecode) -> bool:
+        """Whether the next decode step can run in ``static``: it is this cache's, the storage has not moved
+        (nothing grew or rolled back past it) and every layer has a slot left."""
+        return static is self.static and all(layer.static_covers(static) for layer in self.layers)
+
+    def advance_static(self) -> None:
+        """Count the position a static step stored, in every layer."""
+        for layer in self.layers:
+            layer.advance_static()
 
     def reserve(self, tokens: int) -> None:
         """Allocate storage for ``tokens`` positions up front: one host block per layer, no growth later."""
@@ -234,14 +275,17 @@ def kv_bytes(cache: Cache) -> tuple[int, int]:
 
 
 def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, options: OffloadOptions,
-                  group_heads: int, block_tokens: int = 16384) -> HeadspaceCache:
+                  group_heads: int, block_tokens: int = 16384,
+                  rates: tuple[float, float] | None = None) -> HeadspaceCache:
     """A cache that keeps ``options.gpu_heads`` KV heads of each full layer on ``device`` (one count for all,
     or one per full-attention layer) and streams the rest from host memory, ``group_heads`` at a time. The
     engine plans ``"auto"`` heads and an automatic group size before calling this.
 
     In decode, ``options.cpu_heads`` of the offloaded heads (in the layer that offloads the most) are
     attended on the host CPU instead of streamed; ``"auto"`` finds the fastest number by timing the
-    first decode steps.
+    first decode steps, starting where the host's attention rate and the PCIe rate balance (``rates``: those two
+    in bytes/s; measured on this machine when not given). A plan that offloads nothing has nothing to split:
+    its cache has no search, and decodes exactly as with ``cpu_heads=0``.
     """
     options.check(shape)
     if group_heads < 1:
@@ -255,10 +299,12 @@ def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, o
         for window in shape.windows
     ]
     most = max((layer.offloaded for layer in layers if isinstance(layer, OffloadLayer)), default=0)
-    # the search starts near the best split of the H100 hosts measured (2-3 of 8 offloaded heads)
-    split = SplitSearch(most, start=most // 4) if options.cpu_heads == "auto" else None
+    split = None
+    if options.cpu_heads == "auto" and most:
+        host_rate, pcie_rate = rates or measured_rates(device)
+        split = SplitSearch(most, start=predicted_split(most, host_rate, pcie_rate))
     cache = HeadspaceCache(layers, Staging(transfers, device, dtype), split)
-    cache.set_cpu_heads(split.current if split is not None else options.cpu_heads)
+    cache.set_cpu_heads(split.current if split is not None else 0 if options.cpu_heads == "auto" else options.cpu_heads)
     return cache
 
 

@@ -18,8 +18,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from headspace.attention.kernels import causal_attention, split_decode_attention
+from headspace.attention.kernels import causal_attention, decode_lse, masked_decode_attention, split_decode_attention
 from headspace.errors import HeadspaceError
+from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
 
@@ -66,6 +67,33 @@ class HeadspaceLayer(CacheLayerMixin):
     def host_bytes(self) -> int:
         return 0
 
+    # -- the static form of decode (:mod:`headspace.kv.static`); layers that have one override these ---------
+    static_capable = False  # whether this layer has a static form of decode: every head on the device
+
+    def begin_static(self, static: StaticDecode) -> None:
+        """Fix the storage and the slots that the decode steps of ``static`` read and write."""
+        raise HeadspaceError(f"{type(self).__name__} has no static form of decode")
+
+    def static_covers(self, static: StaticDecode) -> bool:
+        """Whether the next decode step can run in ``static``: nothing moved the storage, and a slot is left."""
+        return False
+
+    def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
+        raise NotImplementedError
+
+    def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
+        raise NotImplementedError
+
+    def advance_static(self) -> None:
+        """Count the position a static step stored (outside the step: a replayed graph runs no Python)."""
+        raise NotImplementedError
+
+
+def fold(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A decode query (B, Hq, 1, D) as (B, Hk, Hq / Hk, D): the query heads of each KV head on the query axis."""
+    batch, q_heads, _, dim = query.shape
+    return query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+
 
 class WindowLayer(HeadspaceLayer):
     """A sliding-window layer: all heads on the device, at most ``window - 1`` past tokens kept."""
@@ -76,6 +104,7 @@ class WindowLayer(HeadspaceLayer):
         super().__init__()
         self.window = window
         self.store: DeviceKV | None = None
+        self._static: tuple[int, int, int] | None = None  # static form: (storage, slot 0's position, slots)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -94,6 +123,37 @@ class WindowLayer(HeadspaceLayer):
     @property
     def device_bytes(self) -> int:
         return self.store.nbytes if self.store is not None else 0
+
+    # static form: the window before it began, then ``static.tail`` slots, all attended under a window mask
+    static_capable = True
+
+    def begin_static(self, static: StaticDecode) -> None:
+        self.store.keep_last(self.window - 1)
+        slots = self.store.length + static.tail
+        self.store.reserve(slots)
+        self.store.clear(self.store.length, slots)
+        self._static = (self.store.storage, self.length - self.store.length, slots)  # storage, slot 0's position
+
+    def static_covers(self, static: StaticDecode) -> bool:
+        if self._static is None:
+            return False
+        storage, first, slots = self._static
+        return (storage == self.store.storage and first == self.length - self.store.length
+                and self.store.length < slots)
+
+    def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
+        self.store.write_at(static.slot(self._static[1]), key_states, value_states)
+
+    def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
+        _, first, slots = self._static
+        keys, values = self.store.slots(0, slots)
+        out = masked_decode_attention(fold(query, keys.shape[1]), keys, values, scaling,
+                                      static.window_mask(first, slots, self.window))
+        return out.reshape(query.shape)
+
+    def advance_static(self) -> None:
+        self.store.extend(1)
+        self.length += 1
 
 
 class OffloadLayer(HeadspaceLayer):
@@ -117,6 +177,7 @@ class OffloadLayer(HeadspaceLayer):
         self.written: torch.cuda.Event | None = None
         self.settled: torch.cuda.Event | None = None
         self.reserved = 0
+        self._static_storage: int | None = None  # the resident storage a static form of decode began with
 
     def set_cpu_heads(self, cpu_heads: int) -> None:
         """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
@@ -249,6 +310,40 @@ class OffloadLayer(HeadspaceLayer):
         spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
                  for k, v, at, _, n in self.host.spans(0, self.length)]
         return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
+
+    # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots
+    @property
+    def static_capable(self) -> bool:
+        return self.offloaded == 0
+
+    def static_room(self, tokens: int) -> int:
+        """Room for at least ``tokens`` positions on the device (grown as an append would); the room there is."""
+        if self.resident.capacity < tokens:
+            self.resident.reserve(max(tokens, self.resident.capacity * 3 // 2))
+        return self.resident.capacity
+
+    def begin_static(self, static: StaticDecode) -> None:
+        """The tail fits: the cache sized it to the room :meth:`static_room` made."""
+        self.resident.clear(static.prefix, static.prefix + static.tail)
+        self._static_storage = self.resident.storage
+
+    def static_covers(self, static: StaticDecode) -> bool:
+        return (self._static_storage == self.resident.storage
+                and static.prefix <= self.length < static.prefix + static.tail)
+
+    def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
+        self.resident.write_at(static.slot(0), key_states, value_states)
+
+    def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
+        folded = fold(query, self.heads)
+        prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
+        keys, values = self.resident.slots(static.prefix, static.prefix + static.tail)
+        out = masked_decode_attention(folded, keys, values, scaling, static.tail_mask(), prefix)
+        return out.reshape(query.shape)
+
+    def advance_static(self) -> None:
+        self.resident.extend(1)
+        self.length += 1
 
     @property
     def device_bytes(self) -> int:

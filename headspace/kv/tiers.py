@@ -113,6 +113,34 @@ class DeviceKV:
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._k[:, :, : self.length], self._v[:, :, : self.length]
 
+    # -- static decode (a CUDA graph replays the writes; the counting happens outside it) --------------------
+    def slots(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions [start, stop) of the storage, written or not (``stop`` at most :attr:`capacity`)."""
+        return self._k[:, :, start:stop], self._v[:, :, start:stop]
+
+    def clear(self, start: int, stop: int) -> None:
+        """Zero positions [start, stop): fresh storage may hold NaN, which a masked slot would still carry into an
+        attention output (a zero weight times NaN is NaN), so slots a mask skips must hold numbers."""
+        self._k[:, :, start:stop].zero_()
+        self._v[:, :, start:stop].zero_()
+
+    def write_at(self, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store one position ``(batch, heads, 1, dim)`` at ``index``, a device tensor ``(1,)``: where it goes
+        is read on the device, so the same call serves every token of a replayed graph. :meth:`extend` counts it."""
+        self._k.index_copy_(2, index, keys)
+        self._v.index_copy_(2, index, values)
+
+    def extend(self, tokens: int) -> None:
+        """Count ``tokens`` more positions as stored (written by :meth:`write_at`)."""
+        if self.length + tokens > self.capacity:
+            raise ValueError(f"{self.length + tokens} positions do not fit a device tier of {self.capacity}")
+        self.length += tokens
+
+    @property
+    def storage(self) -> int:
+        """The address of the keys' storage: it changes when the storage is reallocated."""
+        return self._k.data_ptr()
+
     @property
     def nbytes(self) -> int:
         return 2 * self._k.numel() * self._k.element_size()

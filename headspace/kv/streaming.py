@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.tiers import HostKV
 
 
@@ -48,6 +49,7 @@ class Slot:
     keys: torch.Tensor
     values: torch.Tensor
     tag: tuple | None = None  # (host tier id, first head, end head, tokens) of the data in it
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # quantized host rows land here before dequantizing
     ready: torch.cuda.Event | None = None  # host-to-device copy finished
     free: torch.cuda.Event | None = None  # compute finished reading it
 
@@ -83,9 +85,10 @@ class Staging:
             slot.tag = None
         return slot
 
-    def fetch(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None,
-              slot_index: int) -> None:
-        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``)."""
+    def fetch(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
+              written: torch.cuda.Event | None, slot_index: int) -> None:
+        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``); a
+        quantized store is dequantized into it, after its host rows (if any) are copied over as they are."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
         tag = (id(host), heads.start, heads.stop, tokens)
@@ -95,11 +98,30 @@ class Staging:
         self.transfers.wait(slot.free, h2d)
         self.transfers.wait(written, h2d)
         with self.transfers.on(h2d):
-            host.read(heads, slot.keys, slot.values, tokens)
+            if isinstance(host, QuantizedKV):
+                host.read(heads, slot.keys, slot.values, tokens, self._rows(slot, host, heads, tokens))
+            else:
+                host.read(heads, slot.keys, slot.values, tokens)
         slot.ready = self.transfers.mark(h2d)
         slot.tag = tag
 
-    def acquire(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None) -> Slot:
+    def _rows(self, slot: Slot, store: QuantizedKV, heads: slice,
+              tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The slot's device buffers for ``tokens`` host rows of ``heads`` heads of ``store`` (None for rows that
+        are on the device already). Called on the copy stream, which alone uses them."""
+        if not isinstance(store.rows, HostKV):
+            return None
+        batch, _, width = store.rows.shape
+        have = slot.rows[0].shape if slot.rows is not None else None
+        count = heads.stop - heads.start
+        if have is None or have[1] < count or have[2] < tokens or have[3] != width or have[0] != batch:
+            size = (batch, max(count, have[1] if have else 0), max(tokens, self.min_tokens), width)
+            keys = torch.empty(size, device=self.device, dtype=torch.uint8)
+            slot.rows = (keys, torch.empty_like(keys))
+        return slot.rows
+
+    def acquire(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
+                written: torch.cuda.Event | None) -> Slot:
         """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``."""
         tag = (id(host), heads.start, heads.stop, tokens)
         index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
@@ -133,4 +155,5 @@ class Staging:
 
     @property
     def nbytes(self) -> int:
-        return sum(2 * s.keys.numel() * s.keys.element_size() for s in self.slots)
+        return sum(2 * s.keys.numel() * s.keys.element_size() + (2 * s.rows[0].numel() if s.rows else 0)
+                   for s in self.slots)

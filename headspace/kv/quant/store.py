@@ -1,0 +1,92 @@
+"""A tier's KV kept quantized: whole groups as rows of bytes, the newest tokens in full precision.
+
+The rows live where the tier lives (a :class:`~headspace.kv.tiers.DeviceKV` for resident
+heads, a :class:`~headspace.kv.tiers.HostKV` in host RAM for offloaded ones), so they
+are written, copied and staged like bfloat16 KV, only smaller. New tokens first join
+:attr:`QuantizedKV.recent`, full precision on the device; after the layer has attended
+them, :meth:`QuantizedKV.take_groups` quantizes (on the device, before any copy to the
+host) the whole groups beyond the scheme's residual window. The rows only ever grow,
+so a staging slot fetched before the layer's update still holds exactly the rows the
+attention reads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headspace.kv.quant.schemes import Scheme
+from headspace.kv.tiers import DeviceKV, HostKV
+
+PIECE = 65536  # tokens dequantized at once: bounds the float32 temporaries at long contexts
+
+
+class QuantizedKV:
+    """Keys and values of ``heads`` heads: positions [0, :attr:`quantized`) as rows in ``rows``, the rest in
+    :attr:`recent` ``(keys, values)`` on ``device`` in ``dtype``."""
+
+    def __init__(self, scheme: Scheme, rows: DeviceKV | HostKV, head_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.scheme, self.rows = scheme, rows
+        batch, heads, _ = rows.shape
+        self.shape = (batch, heads, head_dim)
+        self.dtype, self.device = dtype, device
+        empty = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
+        self.recent: tuple[torch.Tensor, torch.Tensor] = (empty, empty)
+
+    @property
+    def quantized(self) -> int:
+        """Positions stored as rows: a multiple of the scheme's group."""
+        return self.rows.length
+
+    @property
+    def length(self) -> int:
+        return self.rows.length + self.recent[0].shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        self.rows.reserve(tokens)
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """New positions, kept in full precision until :meth:`take_groups`."""
+        self.recent = (torch.cat([self.recent[0], keys], dim=2), torch.cat([self.recent[1], values], dim=2))
+
+    def take_groups(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows of the whole groups of recent positions beyond the residual window, quantized here and
+        taken out of :attr:`recent`; the caller stores them in :attr:`rows` (None: no group is complete)."""
+        keys, values = self.recent
+        group = self.scheme.group
+        count = (keys.shape[2] - self.scheme.residual) // group * group
+        if count <= 0:
+            return None
+        rows = (self.scheme.quantize(keys[:, :, :count], keys=True),
+                self.scheme.quantize(values[:, :, :count], keys=False))
+        self.recent = (keys[:, :, count:].clone(), values[:, :, count:].clone())
+        return rows
+
+    def read(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int,
+             scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Dequantize positions [0, ``tokens``) (whole rows) of ``heads`` into ``keys``/``values`` ``(batch,
+        len(heads), >=tokens, head_dim)``; rows in host RAM are first copied into ``scratch`` on the device."""
+        width = heads.stop - heads.start
+        if isinstance(self.rows, HostKV):
+            self.rows.read(heads, scratch[0], scratch[1], tokens)
+            row_keys, row_values = scratch[0][:, :width], scratch[1][:, :width]
+        else:
+            row_keys, row_values = (part[:, heads] for part in self.rows.view())
+        dim = self.shape[2]
+        step = max(PIECE // self.scheme.group, 1) * self.scheme.group
+        for start in range(0, tokens, step):
+            stop = min(start + step, tokens)
+            keys[:, :, start:stop] = self.scheme.dequantize(row_keys[:, :, start:stop], True, dim, keys.dtype)
+            values[:, :, start:stop] = self.scheme.dequantize(row_values[:, :, start:stop], False, dim, values.dtype)
+
+    def truncate(self, tokens: int, recent: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Go back to ``tokens`` rows and the full-precision positions ``recent`` after them (a snapshot's)."""
+        if isinstance(self.rows, HostKV):
+            self.rows.set_length(tokens)
+        else:
+            self.rows.truncate(tokens)
+        self.recent = recent
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + 2 * self.recent[0].numel() * self.recent[0].element_size()

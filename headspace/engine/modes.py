@@ -128,7 +128,7 @@ def _offload_footprint(request: CacheRequest) -> tuple[int, int]:
         placement = _placement(request)
     except HeadspaceError:
         placement = plan(request.shape, request.tokens, request.dtype, "offload", 0, options.group_heads,
-                         request.chunk_size)
+                         request.chunk_size, options.precision)
     return placement.device_kv_bytes, placement.host_kv_bytes
 
 

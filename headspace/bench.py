@@ -81,7 +81,7 @@ class Cell:
 
 
 def fill_prefix(cache, shape: ModelShape, tokens: int, device: torch.device, dtype: torch.dtype,
-                piece: int = 65536) -> None:
+                piece: int = 16384) -> None:
     """Store ``tokens`` positions of random KV in every layer of ``cache`` without running the model."""
     heads, dim = shape.kv_heads, shape.head_dim
     generator = torch.Generator(device=device).manual_seed(0)
@@ -262,7 +262,7 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
         elif suffix.startswith("kv") and suffix[2:]:
             options["kv_dtype"] = str(KVPrecision.parse(suffix[2:].replace("+", ",")))
         else:
-            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is none of /gpu<N|auto>, /cpu<N|auto>, "
+            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto> nor "
                                  f"/kv<precision> (example: offload/gpuauto/cpuauto, offload/kvhost=int4)")
     return name, options
 

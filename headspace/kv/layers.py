@@ -319,7 +319,8 @@ class OffloadLayer(HeadspaceLayer):
 
     @property
     def device_bytes(self) -> int:
-        return self.resident.nbytes if self.resident is not None else 0
+        recent = sum(store.recent_bytes for store in (self.resident, self.host) if isinstance(store, QuantizedKV))
+        return (self.resident.nbytes if self.resident is not None else 0) + recent
 
     @property
     def host_bytes(self) -> int:

@@ -15,7 +15,9 @@ copies and the staging double buffer work unchanged, and PCIe carries the small 
   byte. A key group needs all its tokens, so the newest tokens stay in full precision
   (:attr:`Scheme.residual` of them at least) until a whole group beyond them has arrived.
 
-:meth:`Scheme.bytes_per_token` is the single source of truth for the planner's arithmetic.
+Scales and zero points are float16, two bytes each: KV beyond float16's range (65,504) would not
+round-trip, which no model's KV comes near. :meth:`Scheme.bytes_per_token` is the single source of
+truth for the planner's arithmetic.
 Everything is plain torch, so the same code runs on a CPU and on a GPU.
 """
 

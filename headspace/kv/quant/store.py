@@ -89,4 +89,10 @@ class QuantizedKV:
 
     @property
     def nbytes(self) -> int:
-        return self.rows.nbytes + 2 * self.recent[0].numel() * self.recent[0].element_size()
+        """Bytes of the rows, in the tier that holds them."""
+        return self.rows.nbytes
+
+    @property
+    def recent_bytes(self) -> int:
+        """Bytes of the full-precision positions, on the device whatever the tier."""
+        return 2 * self.recent[0].numel() * self.recent[0].element_size()

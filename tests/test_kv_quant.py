@@ -126,8 +126,6 @@ def test_modes_that_cannot_take_kv_dtype_refuse_it(tiny_models):
     for mode in ("full", "snapkv", "locret"):
         with pytest.raises(HeadspaceError, match="kv_dtype"):
             Engine(model, mode=mode, kv_dtype="int4")
-    with pytest.raises(HeadspaceError, match="cpu_heads"):
-        Engine(model, mode="offload", kv_dtype="host=int4", cpu_heads=1).new_cache(64)
 
 
 # -- attention over the quantized path -----------------------------------------------------------------------
@@ -178,6 +176,22 @@ def test_quantized_attention_equals_attention_over_the_dequantized_kv(precision,
                 assert recent < store.scheme.residual + store.scheme.group
                 assert recent >= min(store.scheme.residual, store.length)
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("kv_dtype", ["host=int4", "host=fp8"])
+def test_host_attention_reads_the_quantized_rows(tiny_models, one_thread, kv_dtype):
+    """Decode with offloaded heads attended on the host CPU (dequantized there, block by block) gives the logits
+    of streaming them to the device, across group boundaries and host blocks."""
+    model, ids = tiny_models.model("llama"), random_ids(150, seed=7)
+    engines = [Engine(model, mode="offload", gpu_heads=1, chunk_size=16, kv_dtype=kv_dtype, cpu_heads=cpu_heads)
+               for cpu_heads in (0, 3)]
+    runs = [engine.prefill(ids) for engine in engines]
+    assert [layer.cpu_heads for layer in runs[1][1].layers] == [3, 3]
+    token = runs[0][0].argmax(-1, keepdim=True)
+    for _ in range(40):
+        streamed, on_host = (engine.decode_step(token, cache) for engine, (_, cache) in zip(engines, runs))
+        assert max_diff(streamed, on_host) < 1e-4
+        token = streamed.argmax(-1, keepdim=True)
 
 
 # -- generation on the tiny models ---------------------------------------------------------------------------

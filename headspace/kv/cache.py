@@ -77,9 +77,6 @@ class OffloadOptions:
                 f"cpu_heads must be 'auto' or between 0 and {most} (the offloaded heads), got {self.cpu_heads}")
         if self.gpu_memory is not None:
             parse_memory_cap(self.gpu_memory)
-        if self.cpu_heads != 0 and not self.precision.scheme("host").exact:
-            raise HeadspaceError(f"cpu_heads (host attention in decode) reads exact host KV; it cannot be combined "
-                                 f"with kv_dtype={self.kv_dtype} yet: leave cpu_heads at 0")
 
     def layer_gpu_heads(self, shape: ModelShape) -> tuple[int, ...]:
         """The resident heads of each full-attention layer, for a count or a tuple (``"auto"`` is planned

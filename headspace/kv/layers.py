@@ -24,7 +24,7 @@ from transformers.cache_utils import CacheLayerMixin
 from headspace.attention.kernels import causal_attention, split_decode_attention
 from headspace.errors import HeadspaceError
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
-from headspace.kv.quant.store import QuantizedKV
+from headspace.kv.quant.store import PIECE, QuantizedKV
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
 
@@ -303,18 +303,29 @@ class OffloadLayer(HeadspaceLayer):
         host worker thread.
 
         Those heads' KV never crosses PCIe, only the query and the output do; the worker's
-        attention runs while the GPU attends the streamed groups, so the two share the work.
+        attention runs while the GPU attends the streamed groups, so the two share the work. A
+        quantized host tier is read in its rows, dequantized piece by piece by the worker; its
+        newest positions, on the device in full precision, travel with the query.
         """
         first = (self.heads - self.cpu_heads) * ratio
+        offloaded = self.host.shape[1]
+        heads = slice(offloaded - self.cpu_heads, offloaded)
+        quantized = isinstance(self.host, QuantizedKV)
         d2h = self.transfers.d2h
         self.transfers.wait(self.transfers.mark(), d2h)
         with self.transfers.on(d2h):
             host_query = query[:, first:].to("cpu", non_blocking=True)
+            if quantized:
+                recent = [tuple(part[:, heads].to("cpu", non_blocking=True) for part in self.host.recent)]
+        if quantized and d2h is not None:
+            for part in self.host.recent:  # :meth:`flush` replaces them while the copy may still run
+                part.record_stream(d2h)
         copied = self.transfers.mark(d2h)
-        offloaded = self.host.shape[1]
-        heads = slice(offloaded - self.cpu_heads, offloaded)
+        tier = self.host.rows if quantized else self.host
         spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
-                 for k, v, at, _, n in self.host.spans(0, self.length)]
+                 for k, v, at, _, n in tier.spans(0, tier.length if quantized else self.length)]
+        if quantized:
+            spans = HostRows(self.host.scheme, spans, recent, self.head_dim, self.dtype)
         return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
 
     @property
@@ -325,6 +336,23 @@ class OffloadLayer(HeadspaceLayer):
     @property
     def host_bytes(self) -> int:
         return self.host.nbytes if self.host is not None else 0
+
+
+class HostRows:
+    """Spans of quantized host rows as the host attention reads them: dequantized a piece at a time as it
+    iterates (bounded memory), then the newest positions in full precision."""
+
+    def __init__(self, scheme, spans: list[tuple[torch.Tensor, torch.Tensor]],
+                 recent: list[tuple[torch.Tensor, torch.Tensor]], head_dim: int, dtype: torch.dtype):
+        self.scheme, self.spans, self.recent, self.head_dim, self.dtype = scheme, spans, recent, head_dim, dtype
+
+    def __iter__(self):
+        step = max(PIECE // self.scheme.group, 1) * self.scheme.group
+        for keys, values in self.spans:
+            for start in range(0, keys.shape[2], step):
+                yield (self.scheme.dequantize(keys[:, :, start : start + step], True, self.head_dim, self.dtype),
+                       self.scheme.dequantize(values[:, :, start : start + step], False, self.head_dim, self.dtype))
+        yield from self.recent
 
 
 @functools.cache

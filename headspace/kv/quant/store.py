@@ -43,7 +43,10 @@ class QuantizedKV:
         return self.rows.length + self.recent[0].shape[2]
 
     def reserve(self, tokens: int) -> None:
-        self.rows.reserve(tokens)
+        """Room for ``tokens`` rows, in whole groups: a group never straddles two host blocks, so the host
+        attention can dequantize the rows of each block on their own."""
+        group = self.scheme.group
+        self.rows.reserve(-(-tokens // group) * group)
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """New positions, kept in full precision until :meth:`take_groups`."""

@@ -24,6 +24,8 @@ from test_cli import refused, run, tiny_model  # noqa: F401  (tiny_model: a fixt
 from headspace import Engine, bench
 from headspace.attention.kernels import causal_attention
 from headspace.errors import HeadspaceError
+from headspace.eviction.budget import BudgetLayer
+from headspace.eviction.retaining.heads import HeadsSpec, RetainingHeads
 from headspace.kv.cache import OffloadOptions
 from headspace.kv.layers import OffloadLayer, Phase
 from headspace.kv.quant.precision import KVPrecision
@@ -260,6 +262,31 @@ def test_a_kept_quantized_document_answers_the_same_twice(tiny_models, one_threa
     question = random_ids(40, seed=6)  # long enough to quantize groups of its own, which a rollback undoes
     answers = [engine.ask(document, question, max_new_tokens=24).token_ids for _ in range(2)]
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("decode", ["budget", "exact"])
+def test_offload_locret_keeps_its_evicted_tokens_quantized(tiny_models, one_thread, tmp_path, decode):
+    """The budget stays exact on the device; what Locret evicts goes to host RAM as int4 rows. The prefill still
+    attends everything (close to full), a kept document answers alike twice and after a save and load."""
+    model = tiny_models.model("llama")
+    torch.manual_seed(1)
+    options = dict(mode="offload+locret", chunk_size=16, budget=80, decode=decode, kv_dtype="host=int4",
+                   heads=RetainingHeads(HeadsSpec.from_config(model.config, hidden=8)))
+    ids, question = random_ids(180, seed=8), random_ids(20, seed=9)
+    expected, _ = Engine(model, mode="full").prefill(ids)
+    engine = Engine(model, **options)
+    logits, cache = engine.prefill(ids)
+    assert 1e-4 < max_diff(logits, expected) <= TOLERANCE["int4"] and logits.argmax() == expected.argmax()
+    hosts = [layer.host for layer in cache.layers if isinstance(layer, BudgetLayer)]
+    assert all(isinstance(host, QuantizedKV) and host.quantized and host.length == 100 for host in hosts)
+    document = engine.prefill_document(ids)
+    answers = [engine.ask(document, question, max_new_tokens=16).token_ids for _ in range(2)]
+    engine.save(document, tmp_path / "doc.hsc")
+    loaded = Engine(model, **options).load(tmp_path / "doc.hsc")
+    assert torch.equal(loaded.logits, document.logits)
+    assert answers[0] == answers[1] == engine.ask(loaded, question, max_new_tokens=16).token_ids
+    with pytest.raises(HeadspaceError, match="budget on the device exact"):
+        Engine(model, **{**options, "kv_dtype": "int4"})
 
 
 # -- plans -----------------------------------------------------------------------------------------------------

@@ -171,7 +171,8 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                         help=f"offload mode: the precision KV is stored in, for both tiers (int4) or per tier "
                              f"(host=int4: offloaded heads only; gpu=fp8,host=int4), P one of {choices()}; default "
                              f"bf16, exact. fp8 and int8 keep one scale per token and head; int4 and int2 are "
-                             f"KIVI's grouped scheme with the newest tokens in full precision")
+                             f"KIVI's grouped scheme with the newest tokens in full precision. offload+locret takes "
+                             f"host=P for the tokens it evicts to host RAM")
     parser.add_argument("--allow-beyond-positions", action="store_true",
                         help="run past the model's max_position_embeddings instead of refusing")
 

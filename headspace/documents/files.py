@@ -279,8 +279,11 @@ def _layer_entries(prefix: str, layer) -> tuple[dict, list[Entry]]:
     entries += [_whole(prefix + "positions", layer.positions), _whole(prefix + "scores", layer.scores)]
     host = layer.host.length if layer.host is not None else 0
     if host:
-        entries += [_rows(prefix + "host.keys", layer.host, False), _rows(prefix + "host.values", layer.host, True),
+        rows = layer.host.rows if isinstance(layer.host, QuantizedKV) else layer.host
+        entries += [_rows(prefix + "host.keys", rows, False), _rows(prefix + "host.values", rows, True),
                     _whole(prefix + "host.positions", torch.cat(layer.host_positions, dim=-1))]
+        if isinstance(layer.host, QuantizedKV):
+            entries += _pair(prefix + "host.recent.", *layer.host.recent)
     return {"kind": kind, "length": layer.length, "budget": layer.settings.budget, "host": host}, entries
 
 
@@ -562,8 +565,16 @@ class DocumentFile:
         if record["host"]:
             if layer.host is None:
                 raise self._layout("it holds evicted tokens in host memory and this mode keeps none")
-            layer.host.reserve(record["host"], at_least=layer.block_tokens)
-            entries += self._host(prefix + "host.", layer.host, record["host"])
+            host, count = layer.host, record["host"]
+            if isinstance(host, QuantizedKV):  # its rows, then its newest evicted tokens in full precision
+                rows = self._spec(prefix + "host.keys", None, None)["shape"][2]
+                batch, heads, dim = host.shape
+                entries += self._pair(prefix + "host.recent.", device, dtype,
+                                      lambda k, v, store=host: setattr(store, "recent", (k, v)),
+                                      (batch, heads, count - rows, dim))
+                host, count = host.rows, rows
+            host.reserve(count, at_least=host.block_tokens)
+            entries += self._host(prefix + "host.", host, count)
             entries.append(self._whole(prefix + "host.positions", torch.device("cpu"), layer.host_positions.append))
         return entries
 

@@ -173,12 +173,15 @@ class BudgetSnapshot:
     length: int
     host_length: int
     host_chunks: int  # entries of ``host_positions``
+    host_recent: tuple[torch.Tensor, torch.Tensor] | None = None  # a quantized host tier's newest tokens
 
     @classmethod
     def take(cls, layer: BudgetLayer) -> BudgetSnapshot:
         keys, values = layer.store.view()
+        quantized = isinstance(layer.host, QuantizedKV)
         return cls(keys.clone(), values.clone(), layer.positions.clone(), layer.scores.clone(), layer.length,
-                   layer.host.length if layer.host is not None else 0, len(layer.host_positions))
+                   (layer.host.quantized if quantized else layer.host.length) if layer.host is not None else 0,
+                   len(layer.host_positions), layer.host.recent if quantized else None)
 
     def restore(self, layer: BudgetLayer) -> None:
         layer.store.truncate(0)
@@ -186,8 +189,11 @@ class BudgetSnapshot:
         layer.store.append(self.keys, self.values)
         layer.positions, layer.scores = self.positions.clone(), self.scores.clone()
         layer.length = self.length
-        if layer.host is not None:
+        if isinstance(layer.host, QuantizedKV):
+            layer.host.truncate(self.host_length, self.host_recent)
+        elif layer.host is not None:
             layer.host.set_length(self.host_length)
+        if layer.host is not None:
             del layer.host_positions[self.host_chunks :]
 
     @staticmethod

@@ -40,6 +40,7 @@ from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import HeadspaceCache, OffloadOptions, kv_bytes, parse_gpu_heads
 from headspace.kv.layers import OffloadLayer
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
+from headspace.kv.quant.store import COMPILE
 from headspace.kv.tiers import host_empty
 from headspace.models import default_device, default_dtype, random_model, weight_bytes
 from headspace.placement import largest_context, probe
@@ -420,7 +421,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "kv_dtype": args.kv_dtype,
+            "kv_dtype": args.kv_dtype, "compiled_dequant": COMPILE,
             "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:

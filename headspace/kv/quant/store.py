@@ -8,9 +8,18 @@ them, :meth:`QuantizedKV.take_groups` quantizes (on the device, before any copy 
 host) the whole groups beyond the scheme's residual window. The rows only ever grow,
 so a staging slot fetched before the layer's update still holds exactly the rows the
 attention reads.
+
+Dequantizing is a chain of elementwise torch operations, each a pass over memory. With
+``HEADSPACE_COMPILE_DEQUANT=1`` in the environment, device reads run it through
+``torch.compile`` instead (one fused kernel per scheme, Triton on a GPU; compiled once,
+for any length), which the bench can compare with the eager chain.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
 
 import torch
 
@@ -18,6 +27,13 @@ from headspace.kv.quant.schemes import Scheme
 from headspace.kv.tiers import DeviceKV, HostKV
 
 PIECE = 65536  # tokens dequantized at once: bounds the float32 temporaries at long contexts
+COMPILE = os.environ.get("HEADSPACE_COMPILE_DEQUANT") == "1"
+
+
+@functools.cache
+def compiled(scheme: Scheme) -> Callable[..., torch.Tensor]:
+    """``scheme.dequantize`` compiled once for every shape (``HEADSPACE_COMPILE_DEQUANT=1``)."""
+    return torch.compile(scheme.dequantize, dynamic=True)
 
 
 class QuantizedKV:
@@ -76,11 +92,12 @@ class QuantizedKV:
         else:
             row_keys, row_values = (part[:, heads] for part in self.rows.view())
         dim = self.shape[2]
+        dequantize = compiled(self.scheme) if COMPILE else self.scheme.dequantize
         step = max(PIECE // self.scheme.group, 1) * self.scheme.group
         for start in range(0, tokens, step):
             stop = min(start + step, tokens)
-            keys[:, :, start:stop] = self.scheme.dequantize(row_keys[:, :, start:stop], True, dim, keys.dtype)
-            values[:, :, start:stop] = self.scheme.dequantize(row_values[:, :, start:stop], False, dim, values.dtype)
+            keys[:, :, start:stop] = dequantize(row_keys[:, :, start:stop], True, dim, keys.dtype)
+            values[:, :, start:stop] = dequantize(row_values[:, :, start:stop], False, dim, values.dtype)
 
     def truncate(self, tokens: int, recent: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Go back to ``tokens`` rows and the full-precision positions ``recent`` after them (a snapshot's)."""

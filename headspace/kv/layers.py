@@ -128,7 +128,8 @@ class OffloadLayer(HeadspaceLayer):
         self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]  # streamed in prefill
         # quantized resident heads are dequantized through the staging buffer too, a group at a time
         quantized = not precision.scheme("gpu").exact
-        self.resident_groups = [slice(i, min(i + step, gpu_heads)) for i in range(0, gpu_heads, step)] * quantized
+        self.resident_groups = [slice(i, min(i + step, gpu_heads)) for i in range(0, gpu_heads, step)
+                                ] if quantized else []
         self.set_cpu_heads(cpu_heads)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the

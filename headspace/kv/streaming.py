@@ -50,6 +50,7 @@ class Slot:
     values: torch.Tensor
     tag: tuple | None = None  # (host tier id, first head, end head, tokens) of the data in it
     rows: tuple[torch.Tensor, torch.Tensor] | None = None  # quantized host rows land here before dequantizing
+    quantized: tuple[QuantizedKV, slice, int] | None = None  # (store, heads, tokens) fetched, not yet dequantized
     ready: torch.cuda.Event | None = None  # host-to-device copy finished
     free: torch.cuda.Event | None = None  # compute finished reading it
 
@@ -87,8 +88,9 @@ class Staging:
 
     def fetch(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
               written: torch.cuda.Event | None, slot_index: int) -> None:
-        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``); a
-        quantized store is dequantized into it, after its host rows (if any) are copied over as they are."""
+        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``). Of a
+        quantized store only host rows are copied, as they are: :meth:`acquire` dequantizes them (or rows on
+        the device) on the compute stream, so this stream carries nothing but copies."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
         tag = (id(host), heads.start, heads.stop, tokens)
@@ -97,20 +99,19 @@ class Staging:
         h2d = self.transfers.h2d
         self.transfers.wait(slot.free, h2d)
         self.transfers.wait(written, h2d)
+        quantized = isinstance(host, QuantizedKV)
         with self.transfers.on(h2d):
-            if isinstance(host, QuantizedKV):
-                host.read(heads, slot.keys, slot.values, tokens, self._rows(slot, host, heads, tokens))
-            else:
+            if not quantized:
                 host.read(heads, slot.keys, slot.values, tokens)
+            elif isinstance(host.rows, HostKV):
+                host.rows.read(heads, *self._rows(slot, host, heads, tokens), tokens)
         slot.ready = self.transfers.mark(h2d)
         slot.tag = tag
+        slot.quantized = (host, heads, tokens) if quantized else None
 
-    def _rows(self, slot: Slot, store: QuantizedKV, heads: slice,
-              tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The slot's device buffers for ``tokens`` host rows of ``heads`` heads of ``store`` (None for rows that
-        are on the device already). Called on the copy stream, which alone uses them."""
-        if not isinstance(store.rows, HostKV):
-            return None
+    def _rows(self, slot: Slot, store: QuantizedKV, heads: slice, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's device buffers for ``tokens`` host rows of ``heads`` heads of ``store``, allocated on the copy
+        stream; a fetch into the slot waits until compute is done with them."""
         batch, _, width = store.rows.shape
         have = slot.rows[0].shape if slot.rows is not None else None
         count = heads.stop - heads.start
@@ -137,13 +138,17 @@ class Staging:
             slot.values = torch.empty_like(slot.keys)
             slot.keys[:, :, :tokens] = keys[:, :, :tokens]
             slot.values[:, :, :tokens] = values[:, :, :tokens]
+        if slot.quantized is not None:
+            store, heads, tokens = slot.quantized
+            store.dequantize(heads, slot.keys, slot.values, tokens, slot.rows)
+            slot.quantized = None
         return slot
 
     def forget(self) -> None:
         """Drop what the slots are known to hold: after a cache is rolled back, the same host positions are
         written again with other tokens, and a slot tagged with them would serve the old ones."""
         for slot in self.slots:
-            slot.tag = None
+            slot.tag, slot.quantized = None, None
 
     def release(self, slot: Slot) -> None:
         """All compute that reads ``slot`` has been issued; a later fetch into it waits for that."""

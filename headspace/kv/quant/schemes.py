@@ -177,12 +177,12 @@ class Grouped(Scheme):
             codes = self._unpack(blob[..., : self.group * code_bytes].unflatten(-1, (self.group, code_bytes)))
             scale, zero = _scales(blob[..., self.group * code_bytes : self.group * code_bytes + 4 * head_dim]
                                   ).unflatten(-1, (2, head_dim)).unbind(-2)
-            x = codes.float() * scale.unsqueeze(-2) + zero.unsqueeze(-2)
+            x = torch.addcmul(zero.unsqueeze(-2), codes.float(), scale.unsqueeze(-2))  # one pass: codes * scale + zero
             return x.flatten(-3, -2).to(dtype)
         count = head_dim // self._channel_group(head_dim)
         codes = self._unpack(rows[..., :code_bytes]).unflatten(-1, (count, -1))
         scale, zero = _scales(rows[..., code_bytes : code_bytes + 4 * count]).unflatten(-1, (2, count)).unbind(-2)
-        return (codes.float() * scale.unsqueeze(-1) + zero.unsqueeze(-1)).flatten(-2).to(dtype)
+        return torch.addcmul(zero.unsqueeze(-1), codes.float(), scale.unsqueeze(-1)).flatten(-2).to(dtype)
 
 
 SCHEMES: dict[str, Scheme] = {scheme.name: scheme for scheme in (

@@ -81,14 +81,14 @@ class QuantizedKV:
         self.recent = (keys[:, :, count:].clone(), values[:, :, count:].clone())
         return rows
 
-    def read(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int,
-             scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def dequantize(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int,
+                   copied: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Dequantize positions [0, ``tokens``) (whole rows) of ``heads`` into ``keys``/``values`` ``(batch,
-        len(heads), >=tokens, head_dim)``; rows in host RAM are first copied into ``scratch`` on the device."""
+        len(heads), >=tokens, head_dim)``, from the rows on the device, or, for rows in host RAM, from their
+        ``copied`` on the device (:meth:`~headspace.kv.tiers.HostKV.read`)."""
         width = heads.stop - heads.start
         if isinstance(self.rows, HostKV):
-            self.rows.read(heads, scratch[0], scratch[1], tokens)
-            row_keys, row_values = scratch[0][:, :width], scratch[1][:, :width]
+            row_keys, row_values = copied[0][:, :width], copied[1][:, :width]
         else:
             row_keys, row_values = (part[:, heads] for part in self.rows.view())
         dim = self.shape[2]

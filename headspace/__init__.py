@@ -13,6 +13,10 @@ Prefill a long document once and ask it many questions; save it and load it back
     engine.save(document, "report.hsc")
     document = engine.load("report.hsc")
 
+Store KV in fewer bits, per tier (both, or only the heads offloaded to host RAM)::
+
+    engine = headspace.Engine(model, tokenizer, mode="offload", kv_dtype="host=int4")
+
 Learned eviction keeps a fixed budget of tokens per KV head, chosen by retaining heads::
 
     engine = headspace.Engine(model, tokenizer, mode="locret", compression=8)
@@ -32,6 +36,8 @@ from headspace.eviction.retaining.heads import RetainingHeads
 from headspace.eviction.retaining.train import TrainConfig, train_retaining_heads
 from headspace.kv.cache import HeadspaceCache, OffloadOptions, offload_cache
 from headspace.kv.layers import Phase
+from headspace.kv.quant.precision import KVPrecision
+from headspace.kv.quant.schemes import SCHEMES, Scheme
 from headspace.models import PRESETS, load_model
 from headspace.placement import Placement, largest_context, plan, probe
 from headspace.prompts import passkey_prompt
@@ -41,6 +47,7 @@ __all__ = [
     "MODES",
     "POLICIES",
     "PRESETS",
+    "SCHEMES",
     "BudgetOptions",
     "Document",
     "DocumentFile",
@@ -49,6 +56,7 @@ __all__ = [
     "Generation",
     "HeadspaceCache",
     "HeadspaceError",
+    "KVPrecision",
     "Mode",
     "ModelShape",
     "OffloadOptions",
@@ -57,6 +65,7 @@ __all__ = [
     "Policy",
     "RetainingHeads",
     "SamplingParams",
+    "Scheme",
     "ScoreInputs",
     "Stats",
     "TrainConfig",

@@ -11,8 +11,11 @@ Modes are engine modes; ``offload`` takes suffixes for its placement:
 (the planner fills the GPU first), ``offload/gpu6`` (6 heads of every layer resident),
 ``offload/cpu3`` and ``offload/cpuauto`` (offloaded heads attended on the host CPU in
 decode), ``offload/graphs`` and ``offload/eager`` (decode steps replayed from a CUDA graph or
-not, over ``--cuda-graphs``), combined as in ``offload/gpuauto/cpuauto``. Bare ``offload`` takes
-``--gpu-heads`` (default ``auto``). A context of ``max`` is the largest this machine
+not, over ``--cuda-graphs``), ``offload/kvint4``, ``offload/kvhost=int4`` and
+``offload/kvgpu=fp8+host=int4`` (the KV precision per tier, ``+`` between tiers), combined as in
+``offload/gpuauto/cpuauto`` or ``offload/gpuauto/kvhost=int4``. Bare ``offload`` takes
+``--gpu-heads`` (default ``auto``) and ``--kv-dtype`` (default ``bf16``; the label then carries
+it). A context of ``max`` is the largest this machine
 holds in the cell's mode (``full`` or ``offload``), planned after the weights load, in
 whole chunks and one chunk short of the limit.
 
@@ -38,6 +41,8 @@ from headspace.engine.stats import placement_of
 from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import HeadspaceCache, OffloadOptions, kv_bytes, parse_gpu_heads
 from headspace.kv.layers import OffloadLayer
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
+from headspace.kv.quant.store import COMPILE
 from headspace.kv.split import copy_rate, host_attention_rate
 from headspace.kv.tiers import host_empty
 from headspace.models import default_device, default_dtype, random_model, weight_bytes
@@ -74,13 +79,14 @@ class Cell:
     group_heads: int | None = None  # offloaded heads streamed per step
     placement: str | None = None  # the cache's own one-line account of the above
     cpu_heads: int | str = 0  # host heads in the layer offloading the most; for "auto", the split found
+    kv_dtype: str = "bf16"  # the KV precision per tier (offload)
     search_steps: int = 0  # decode steps the "auto" split search took before the timed ones
     cuda_graph: bool = False  # decode steps were replayed from a CUDA graph (--cuda-graphs)
     error: str | None = None
 
 
 def fill_prefix(cache, shape: ModelShape, tokens: int, device: torch.device, dtype: torch.dtype,
-                piece: int = 65536) -> None:
+                piece: int = 16384) -> None:
     """Store ``tokens`` positions of random KV in every layer of ``cache`` without running the model."""
     heads, dim = shape.kv_heads, shape.head_dim
     generator = torch.Generator(device=device).manual_seed(0)
@@ -90,7 +96,7 @@ def fill_prefix(cache, shape: ModelShape, tokens: int, device: torch.device, dty
             keys = torch.randn(1, heads, n, dim, device=device, dtype=dtype, generator=generator)
             layer.update(keys, torch.randn_like(keys))
             if isinstance(layer, OffloadLayer):
-                layer.pending = None
+                layer.flush()  # stored as if attended: quantized tiers take their rows
 
 
 def _sync(device: torch.device) -> float:
@@ -114,16 +120,23 @@ def decode_bound(resident_bytes: int, offloaded_bytes: int, ceilings: dict[str, 
     return 1.0 / max(resident_bytes / hbm, offloaded_bytes / offload_rate)
 
 
-def read_per_step(cache, shape: ModelShape, dtype: torch.dtype) -> tuple[int, int]:
-    """KV bytes a decode step reads: (on the device, offloaded to host RAM)."""
+def read_per_step(cache, shape: ModelShape, dtype: torch.dtype,
+                  precision: KVPrecision = EXACT_KV) -> tuple[int, int]:
+    """KV bytes a decode step moves: (in device memory, across PCIe from host RAM). A quantized tier's rows are
+    read, and dequantized into the staging buffer, which attention then reads: twice the exact bytes more in
+    device memory for every staged head (host ones too)."""
     if not isinstance(cache, HeadspaceCache):
         return kv_bytes(cache)[0], 0
     row = shape.row_bytes(dtype.itemsize)
+    gpu, host = (precision.scheme(tier) for tier in ("gpu", "host"))
+    resident_row = row if gpu.exact else gpu.bytes_per_token(shape.head_dim, 1) + 2 * row
+    host_row = host.bytes_per_token(shape.head_dim, dtype.itemsize)
     resident = offloaded = 0
     for layer in cache.layers:
         if isinstance(layer, OffloadLayer):
-            resident += row * layer.gpu_heads * layer.length
-            offloaded += row * layer.offloaded * layer.length
+            resident += resident_row * layer.gpu_heads * layer.length
+            offloaded += host_row * layer.offloaded * layer.length
+            resident += 0 if host.exact else (host_row + 2 * row) * layer.offloaded * layer.length
         else:  # a sliding window
             resident += row * shape.kv_heads * min(layer.length, layer.window)
     return resident, offloaded
@@ -136,7 +149,8 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
     device, chunk = engine.device, engine.chunk_size
     offload = isinstance(engine.options, OffloadOptions)
     cpu_heads = engine.options.cpu_heads if offload else 0
-    cell = Cell(label, context, chunk, cpu_heads=cpu_heads)
+    precision = engine.options.precision if offload else EXACT_KV
+    cell = Cell(label, context, chunk, cpu_heads=cpu_heads, kv_dtype=str(precision))
     cell.weight_bytes = weight_bytes(engine.model)
     vocab = engine.shape.vocab_size
     ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
@@ -178,7 +192,7 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
         cell.group_heads = max(min(layer.group_heads, layer.offloaded) for layer in layers)
         cell.placement = placement_of(cache)
     if engine.mode.name in ("full", "offload"):  # where every byte a step reads is known
-        resident, offloaded = read_per_step(cache, engine.shape, engine.dtype)
+        resident, offloaded = read_per_step(cache, engine.shape, engine.dtype, precision)
         cell.decode_bound_tokens_per_s = decode_bound(cell.weight_bytes + resident, offloaded, ceilings,
                                                       host_attention=bool(cpu_heads))
     if cell.decode_bound_tokens_per_s and cell.decode_tokens_per_s:
@@ -226,16 +240,17 @@ GRAPH_SUFFIXES = {"graphs": True, "eager": False}  # a cell's own cuda_graphs, o
 
 
 def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads: int | None,
-                 gpu_memory: int | float | None) -> tuple[str, dict]:
-    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>`` and
-    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says) suffixes
-    (bare: ``gpu_heads``), any other mode as it is."""
+                 gpu_memory: int | float | None, kv_dtype: str = "bf16") -> tuple[str, dict]:
+    """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>``,
+    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says) and
+    ``/kv<precision>`` suffixes (bare: ``gpu_heads``, ``kv_dtype``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
         if suffixes:
-            raise HeadspaceError(f"bench mode '{mode}': only offload takes /gpu and /cpu suffixes")
+            raise HeadspaceError(f"bench mode '{mode}': only offload takes /gpu, /cpu and /kv suffixes")
         return name, {}
-    options = dict(gpu_heads=gpu_heads, group_heads=group_heads, cpu_heads=0, gpu_memory=gpu_memory)
+    options = dict(gpu_heads=gpu_heads, group_heads=group_heads, cpu_heads=0, gpu_memory=gpu_memory,
+                   kv_dtype=kv_dtype)
     for suffix in suffixes:
         kind, value = suffix[:3], suffix[3:]
         if kind == "gpu" and value:
@@ -244,10 +259,19 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
             options["cpu_heads"] = value if value == "auto" else int(value)
         elif suffix in GRAPH_SUFFIXES:
             options["cuda_graphs"] = GRAPH_SUFFIXES[suffix]
+        elif suffix.startswith("kv") and suffix[2:]:
+            options["kv_dtype"] = str(KVPrecision.parse(suffix[2:].replace("+", ",")))
         else:
-            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs "
-                                 f"nor /eager (example: offload/gpuauto/cpuauto)")
+            raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs, "
+                                 f"/eager nor /kv<precision> (example: offload/gpuauto/cpuauto, offload/kvhost=int4)")
     return name, options
+
+
+def label(mode: str, kv_dtype: str) -> str:
+    """A bench mode's label: as written, with a ``--kv-dtype`` other than bf16 added where no /kv suffix says."""
+    if mode.split("/")[0] != "offload" or kv_dtype == "bf16" or "/kv" in mode:
+        return mode
+    return f"{mode}/kv{kv_dtype.replace(',', '+')}"
 
 
 def largest(engine: Engine, decode_steps: int) -> int:
@@ -297,7 +321,7 @@ def run(preset: str, contexts: list[int | str], modes: dict[str, tuple[str, dict
     return cells
 
 
-HEADER = (f"{'mode':<24}{'context':>9}{'setup s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound':>9}"
+HEADER = (f"{'mode':<30}{'context':>9}{'setup s':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'bound':>9}"
           f"{'of bound':>10}{'peak GPU GiB':>14}{'KV dev GiB':>12}{'KV host GiB':>13}{'GPU heads':>11}  note")
 
 
@@ -309,7 +333,7 @@ def row(cell: Cell) -> str:
     notes = [f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "",
              f"split found: {cell.cpu_heads} host heads in {cell.search_steps} steps" if cell.search_steps else ""]
     note = cell.error or ", ".join(n for n in notes if n)
-    return (f"{cell.mode:<24}{cell.context:>9}{num(cell.setup_seconds, '.2f'):>9}"
+    return (f"{cell.mode:<30}{cell.context:>9}{num(cell.setup_seconds, '.2f'):>9}"
             f"{num(cell.prefill_tokens_per_s, ',.0f'):>15}"
             f"{num(cell.decode_tokens_per_s, '.2f'):>14}{num(cell.decode_bound_tokens_per_s, '.2f'):>9}"
             f"{num(cell.bound_share, '.0%'):>10}"
@@ -365,6 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-memory", type=argument_type(parse_memory_cap), default=None,
                         help="cap on the device memory of offload cells, weights included: 20GiB or 0.5")
     parser.add_argument("--group-heads", type=int, default=None, help="default: automatic")
+    parser.add_argument("--kv-dtype", type=argument_type(lambda text: str(KVPrecision.parse(text))), default="bf16",
+                        help="KV precision of offload cells without a /kv suffix: int4, host=int4, gpu=fp8,host=int4")
     parser.add_argument("--synthetic-from", type=parse_tokens, default=None,
                         help="contexts at or above this use a random-KV prefix and time only the last chunk")
     parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
@@ -387,7 +413,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         plot(cells, args.plot)
         return 0
     contexts = [c if c == "max" else parse_tokens(c) for c in args.contexts.split(",")]
-    modes = {mode: mode_options(mode, args.gpu_heads, args.group_heads, args.gpu_memory)
+    modes = {label(mode, args.kv_dtype): mode_options(mode, args.gpu_heads, args.group_heads, args.gpu_memory,
+                                                      args.kv_dtype)
              for mode in args.modes.split(",")}
     device = torch.device(args.device) if args.device else default_device()
     ceilings = measure_ceilings(device)
@@ -399,7 +426,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "cuda_graphs": args.cuda_graphs, "ceilings": ceilings}
+            "cuda_graphs": args.cuda_graphs, "kv_dtype": args.kv_dtype, "compiled_dequant": COMPILE,
+            "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:
         plot(cells, args.plot)

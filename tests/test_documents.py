@@ -324,7 +324,8 @@ def test_the_file_is_safetensors_with_the_manifest(tiny_models, tmp_path):
         host = file.get_tensor("layers.0.host.keys")
     assert manifest["format"] == files.FORMAT and manifest["mode"] == "offload"
     assert manifest["tokens"] == document.tokens.tolist() and manifest["model_name"] == "tiny"
-    assert manifest["options"] == {"gpu_heads": 1, "gpu_memory": None, "group_heads": None, "cpu_heads": 0}
+    assert manifest["options"] == {"gpu_heads": 1, "gpu_memory": None, "group_heads": None, "cpu_heads": 0,
+                                   "kv_dtype": "bf16"}
     assert [layer["kind"] for layer in manifest["layers"]] == ["offload", "offload"]
     keys = document.cache.layers[0].host.blocks[0][1]
     assert torch.equal(host, keys[:, :, :40])

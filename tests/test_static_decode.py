@@ -123,11 +123,27 @@ def test_cuda_graphs_settings_are_checked(tiny_models):
     with pytest.raises(HeadspaceError, match="cuda_graphs=True needs mode 'offload'"):
         Engine(model, mode="full", cuda_graphs=True)
     engine = Engine(model, mode="offload", gpu_heads=2, cuda_graphs=True)
-    with pytest.raises(HeadspaceError, match="cuda_graphs=True needs every KV head on the GPU, but this plan "
-                                             "offloads some"):
+    with pytest.raises(HeadspaceError, match="cuda_graphs=True needs every KV head on the GPU at the model's "
+                                             "precision, but this plan offloads or quantizes some"):
         engine.new_cache(100)
     with pytest.raises(HeadspaceError, match="pass cuda_graphs='auto'"):  # before the prefill, not after it
         engine.generate(torch.arange(3, 40), max_new_tokens=4)
+
+
+def test_quantized_resident_heads_decode_through_staging_not_the_static_form(tiny_models):
+    """Every head resident but stored in int4: the static step (exact storage written in place) cannot serve;
+    'auto' decodes eagerly with the same tokens, True says why."""
+    model = tiny_models.model("llama")
+    ids, _ = tiny_models.reference("llama")
+    heads = kv_heads(model.config)
+    auto = Engine(model, mode="offload", gpu_heads=heads, kv_dtype="int4", chunk_size=32)
+    logits, cache = auto.prefill(ids)
+    assert cache.layers[0].offloaded == 0 and not cache.static_capable and not auto.graph_decodes(cache)
+    eager = Engine(model, mode="offload", gpu_heads=heads, kv_dtype="int4", chunk_size=32, cuda_graphs=False)
+    assert (auto.generate(ids, max_new_tokens=6, stop_on_eos=False).token_ids
+            == eager.generate(ids, max_new_tokens=6, stop_on_eos=False).token_ids)
+    with pytest.raises(HeadspaceError, match="offloads or quantizes some"):
+        Engine(model, mode="offload", gpu_heads=heads, kv_dtype="int4", cuda_graphs=True).new_cache(100)
 
 
 def test_a_cache_without_a_static_form_is_refused(tiny_models):

@@ -23,6 +23,7 @@ from headspace.engine.graphs import SETTINGS
 from headspace.engine.modes import MODES, budgeted_modes
 from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import OffloadOptions, parse_gpu_heads
+from headspace.kv.quant.precision import KVPrecision, choices
 from headspace.models import GEMMA3, PRESETS, SMOLLM2, default_device, default_dtype, load_config, load_model
 from headspace.prompts import passkey_prompt
 from headspace.shape import ModelShape
@@ -145,8 +146,13 @@ def weight_count(config: PretrainedConfig) -> int:
 # -- modes and their options ----------------------------------------------------------------------
 
 # CLI flag -> engine option; a flag left out is not passed, so each mode's own default applies
-MODE_FLAGS = ("gpu_heads", "group_heads", "cpu_heads", "gpu_memory", "budget", "compression", "stabilizer", "sink",
-              "heads")
+MODE_FLAGS = ("gpu_heads", "group_heads", "cpu_heads", "gpu_memory", "kv_dtype", "budget", "compression", "stabilizer",
+              "sink", "heads")
+
+
+def kv_dtype(text: str) -> str:
+    """``--kv-dtype``: a KV precision for both tiers or per tier, in its canonical spelling."""
+    return str(KVPrecision.parse(text))
 
 
 def add_placement_options(parser: argparse.ArgumentParser) -> None:
@@ -162,6 +168,12 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-heads", type=count_or_auto, metavar="N|auto",
                         help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU "
                              "beside the streamed ones; 'auto' times the first decode steps to find the fastest split")
+    parser.add_argument("--kv-dtype", type=argument_type(kv_dtype), metavar="P|host=P|gpu=P,host=P",
+                        help=f"offload mode: the precision KV is stored in, for both tiers (int4) or per tier "
+                             f"(host=int4: offloaded heads only; gpu=fp8,host=int4), P one of {choices()}; default "
+                             f"bf16, exact. fp8 and int8 keep one scale per token and head; int4 and int2 are "
+                             f"KIVI's grouped scheme with the newest tokens in full precision. offload+locret takes "
+                             f"host=P for the tokens it evicts to host RAM")
     parser.add_argument("--allow-beyond-positions", action="store_true",
                         help="run past the model's max_position_embeddings instead of refusing")
 

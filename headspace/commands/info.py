@@ -8,6 +8,7 @@ taken from ``--gpu-memory``), and the placement planner answers for both modes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from headspace.commands.common import (
@@ -20,6 +21,7 @@ from headspace.commands.common import (
     weight_count,
 )
 from headspace.kv.cache import OffloadOptions
+from headspace.kv.quant.schemes import LOSSY, SCHEMES
 from headspace.models import default_chunk_size, load_config
 from headspace.placement import (
     Machine,
@@ -38,9 +40,11 @@ from headspace.units import human_bytes
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "info", help="the largest context per mode on this machine, and what a context needs, without loading weights",
+        "info", help="the largest context per mode and KV precision on this machine, and what a context needs, "
+                     "without loading weights",
         description="Print KV bytes per token, this machine's device memory (after the weights) and host RAM, the "
-                    "largest context each mode holds here with the placement offload would use, and, with "
+                    "largest context each mode holds here with the placement offload would use (and with KV "
+                    "stored at each precision; sliding-window layers stay exact), and, with "
                     "--context, the device and host KV memory that context needs; exit 2 if offload cannot hold "
                     "it.")
     add_model_options(parser)
@@ -77,12 +81,23 @@ def _spec(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
+def _print_precisions(shape: ModelShape, dtype, chunk: int, machine: Machine, options: OffloadOptions) -> None:
+    """Bytes per token and the largest offload context with KV stored at each precision in both tiers."""
+    print(f"{'kv_dtype':<13} {'KV per token':<36} largest offload")
+    for name, scheme in SCHEMES.items():
+        precise = dataclasses.replace(options, kv_dtype=name)
+        per_token = scheme.bytes_per_token(shape.head_dim, dtype.itemsize) * shape.kv_heads * shape.layers
+        tokens = largest_context(shape, dtype, chunk, machine, precise)
+        label = f"{name} (lossy)" if name in LOSSY else name
+        print(f"{label:<13} {_cell(per_token):<36} {f'{tokens:,} tokens' if tokens is not None else 'unknown'}")
+
+
 def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device, must_exist=False)
     dtype = resolve_dtype(args.dtype, device)
     config = load_config(args.model)
     shape = ModelShape.of(config)
-    options = OffloadOptions(**{k: getattr(args, k) for k in ("gpu_heads", "group_heads", "gpu_memory")
+    options = OffloadOptions(**{k: getattr(args, k) for k in ("gpu_heads", "group_heads", "gpu_memory", "kv_dtype")
                                 if getattr(args, k) is not None})
     options.check(shape)
     chunk = args.chunk_size or default_chunk_size(device)
@@ -111,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     at_largest = propose(options, shape, largest_offload, dtype, chunk, machine) if largest_offload else None
     print(f"largest full     {_largest_line(largest_full, None, device)}")
     print(f"largest offload  {_largest_line(largest_offload, at_largest, device)}")
+    _print_precisions(shape, dtype, chunk, machine, options)
     if args.context is None:
         sys.stdout.flush()
         return 0

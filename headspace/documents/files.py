@@ -49,6 +49,7 @@ from headspace.documents.snapshot import policies
 from headspace.errors import HeadspaceError
 from headspace.eviction.budget import BudgetLayer
 from headspace.kv.layers import OffloadLayer, WindowLayer
+from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.tiers import HostKV
 from headspace.shape import ModelShape
 
@@ -62,6 +63,8 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8"}
 # change where KV lives, speed or decode, not what the cache holds (a load keeps the file's split of heads)
 RUNTIME_OPTIONS = {"gpu_heads", "gpu_memory", "group_heads", "cpu_heads", "decode"}
+# options that files saved before they existed were saved with: a loading engine compares with these
+OPTION_DEFAULTS = {"kv_dtype": "bf16"}
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); first called with 0 as the bytes start to move
 
@@ -260,16 +263,27 @@ def _layer_entries(prefix: str, layer) -> tuple[dict, list[Entry]]:
     if kind == "window":
         return {"kind": kind, "length": layer.length}, _pair(prefix, *layer.store.view())
     if kind == "offload":
-        entries = _pair(prefix + "resident.", *layer.resident.view()) if layer.resident is not None else []
+        entries = []
+        if layer.resident is not None:
+            resident = layer.resident
+            entries += _pair(prefix + "resident.", *(resident.rows if isinstance(resident, QuantizedKV)
+                                                       else resident).view())
         if layer.host is not None:
-            entries += [_rows(prefix + "host.keys", layer.host, False), _rows(prefix + "host.values", layer.host, True)]
+            host = layer.host.rows if isinstance(layer.host, QuantizedKV) else layer.host
+            entries += [_rows(prefix + "host.keys", host, False), _rows(prefix + "host.values", host, True)]
+        for tier, store in (("resident", layer.resident), ("host", layer.host)):
+            if isinstance(store, QuantizedKV):  # its rows are above; its newest positions in full precision
+                entries += _pair(f"{prefix}{tier}.recent.", *store.recent)
         return {"kind": kind, "length": layer.length}, entries
     entries = _pair(prefix, *layer.store.view())
     entries += [_whole(prefix + "positions", layer.positions), _whole(prefix + "scores", layer.scores)]
     host = layer.host.length if layer.host is not None else 0
     if host:
-        entries += [_rows(prefix + "host.keys", layer.host, False), _rows(prefix + "host.values", layer.host, True),
+        rows = layer.host.rows if isinstance(layer.host, QuantizedKV) else layer.host
+        entries += [_rows(prefix + "host.keys", rows, False), _rows(prefix + "host.values", rows, True),
                     _whole(prefix + "host.positions", torch.cat(layer.host_positions, dim=-1))]
+        if isinstance(layer.host, QuantizedKV):
+            entries += _pair(prefix + "host.recent.", *layer.host.recent)
     return {"kind": kind, "length": layer.length, "budget": layer.settings.budget, "host": host}, entries
 
 
@@ -426,9 +440,10 @@ class DocumentFile:
         if manifest["mode"] != mode:
             raise HeadspaceError(f"{name} was saved in mode '{manifest['mode']}' and this engine runs '{mode}': "
                                  f"use mode '{manifest['mode']}' (--mode {manifest['mode']})")
+        saved = {**OPTION_DEFAULTS, **manifest["options"]}
         for key in sorted((set(options) | set(manifest["options"])) - RUNTIME_OPTIONS):
-            if manifest["options"].get(key) != options.get(key):
-                raise HeadspaceError(f"{name} was saved with {key}={manifest['options'].get(key)} and this engine "
+            if saved.get(key) != options.get(key):
+                raise HeadspaceError(f"{name} was saved with {key}={saved.get(key)} and this engine "
                                      f"has {key}={options.get(key)}: make the engine with the file's options")
 
     def resident_heads(self) -> tuple[int, ...]:
@@ -540,15 +555,7 @@ class DocumentFile:
         if kind == "window":
             return self._pair(prefix, device, dtype, layer.store.append)
         if kind == "offload":
-            layer.pending = None
-            entries = []
-            if layer.resident is not None:
-                entries += self._pair(prefix + "resident.", device, dtype, layer.resident.append,
-                                      (1, layer.gpu_heads, length, layer.head_dim))
-            if layer.host is not None:
-                layer.host.reserve(length)
-                entries += self._host(prefix + "host.", layer.host, length)
-            return entries
+            return self._offload_targets(prefix, layer, length, device, dtype)
         if record["budget"] != layer.settings.budget:
             raise self._layout(f"its budget is {record['budget']} tokens per head, this engine's "
                                f"{layer.settings.budget}")
@@ -558,9 +565,43 @@ class DocumentFile:
         if record["host"]:
             if layer.host is None:
                 raise self._layout("it holds evicted tokens in host memory and this mode keeps none")
-            layer.host.reserve(record["host"], at_least=layer.block_tokens)
-            entries += self._host(prefix + "host.", layer.host, record["host"])
+            host, count = layer.host, record["host"]
+            if isinstance(host, QuantizedKV):  # its rows, then its newest evicted tokens in full precision
+                rows = self._spec(prefix + "host.keys", None, None)["shape"][2]
+                batch, heads, dim = host.shape
+                entries += self._pair(prefix + "host.recent.", device, dtype,
+                                      lambda k, v, store=host: setattr(store, "recent", (k, v)),
+                                      (batch, heads, count - rows, dim))
+                host, count = host.rows, rows
+            host.reserve(count, at_least=host.block_tokens)
+            entries += self._host(prefix + "host.", host, count)
             entries.append(self._whole(prefix + "host.positions", torch.device("cpu"), layer.host_positions.append))
+        return entries
+
+    def _offload_targets(self, prefix: str, layer: OffloadLayer, length: int, device: torch.device,
+                         dtype: torch.dtype) -> list[Entry]:
+        """Where an offload layer's tensors go: exact tiers take ``length`` positions; a quantized tier takes
+        the rows in the file, then its newest positions in full precision."""
+        layer.pending = None
+        entries = []
+        for tier, store in (("resident", layer.resident), ("host", layer.host)):
+            if store is None:
+                continue
+            quantized = isinstance(store, QuantizedKV)
+            target = store.rows if quantized else store
+            rows = self._spec(f"{prefix}{tier}.keys", None, None)["shape"][2] if quantized else length
+            if tier == "resident":
+                batch, heads, dim = target.shape
+                entries += self._pair(prefix + "resident.", device, target.dtype, target.append,
+                                      (batch, heads, rows, dim))
+            else:
+                target.reserve(rows)
+                entries += self._host(prefix + "host.", target, rows)
+            if quantized:
+                batch, heads, dim = store.shape
+                install = functools.partial(setattr, store, "recent")
+                entries += self._pair(f"{prefix}{tier}.recent.", device, dtype, lambda k, v, put=install: put((k, v)),
+                                      (batch, heads, length - rows, dim))
         return entries
 
     def _read(self, entries: list[Entry], on_progress: Progress | None) -> None:

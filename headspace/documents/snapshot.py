@@ -10,7 +10,9 @@ layer keeps in the snapshot, taken right after the document, and how it goes bac
 * :class:`~headspace.kv.layers.WindowLayer` (sliding layers of the other modes): a copy of its
   newest ``window - 1`` positions (all that the next token can see), copied back.
 * :class:`~headspace.kv.layers.OffloadLayer` (``offload``): its length. Its device and host tiers
-  are append-only, so going back only shortens them; nothing is copied.
+  are append-only, so going back only shortens them; nothing is copied. A quantized tier's rows
+  only shorten too; its newest positions, in full precision, are copied (a few dozen per head).
+  Rows cannot be cut: a quantized layer is cut no shorter than the positions it has quantized.
 * :class:`~headspace.eviction.budget.BudgetLayer` (eviction modes): a copy of its device store
   (the budget), positions and scores, and the length of its host tier (``offload+locret``, append-
   only too), plus the eviction policy's state (random eviction's generator). Copying the budget
@@ -34,6 +36,8 @@ from headspace.eviction.budget import BudgetLayer
 from headspace.eviction.policies import Policy
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import OffloadLayer, WindowLayer
+from headspace.kv.quant.store import QuantizedKV
+from headspace.kv.tiers import DeviceKV, HostKV
 
 
 def _window_floor(length: int, held: int, window: int) -> int:
@@ -124,27 +128,38 @@ class WindowSnapshot:
         layer.length = tokens
 
 
+def _quantized(layer: OffloadLayer) -> list[QuantizedKV]:
+    return [store for store in (layer.resident, layer.host) if isinstance(store, QuantizedKV)]
+
+
 @dataclass
 class OffloadSnapshot:
     length: int
+    recent: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]]  # per quantized tier: its rows and newest positions
 
     @classmethod
     def take(cls, layer: OffloadLayer) -> OffloadSnapshot:
-        return cls(layer.length)
+        return cls(layer.length, [(store.quantized, store.recent) for store in _quantized(layer)])
 
     def restore(self, layer: OffloadLayer) -> None:
+        for store, (rows, recent) in zip(_quantized(layer), self.recent):
+            store.truncate(rows, recent)  # ``take_groups`` replaces ``recent``, never writes into it
         self.crop(layer, self.length)
 
     @staticmethod
     def floor(layer: OffloadLayer) -> int:
-        return 0
+        return max((store.quantized for store in _quantized(layer)), default=0)
 
     @staticmethod
     def crop(layer: OffloadLayer, tokens: int) -> None:
         tokens = min(tokens, layer.length)
-        if layer.resident is not None:
+        for store in _quantized(layer):
+            keys, values = store.recent
+            keep = tokens - store.quantized
+            store.recent = (keys[:, :, :keep], values[:, :, :keep])
+        if isinstance(layer.resident, DeviceKV):
             layer.resident.truncate(tokens)
-        if layer.host is not None:
+        if isinstance(layer.host, HostKV):
             layer.host.set_length(tokens)
         layer.length, layer.pending = tokens, None
 
@@ -158,12 +173,15 @@ class BudgetSnapshot:
     length: int
     host_length: int
     host_chunks: int  # entries of ``host_positions``
+    host_recent: tuple[torch.Tensor, torch.Tensor] | None = None  # a quantized host tier's newest tokens
 
     @classmethod
     def take(cls, layer: BudgetLayer) -> BudgetSnapshot:
         keys, values = layer.store.view()
+        quantized = isinstance(layer.host, QuantizedKV)
         return cls(keys.clone(), values.clone(), layer.positions.clone(), layer.scores.clone(), layer.length,
-                   layer.host.length if layer.host is not None else 0, len(layer.host_positions))
+                   (layer.host.quantized if quantized else layer.host.length) if layer.host is not None else 0,
+                   len(layer.host_positions), layer.host.recent if quantized else None)
 
     def restore(self, layer: BudgetLayer) -> None:
         layer.store.truncate(0)
@@ -171,8 +189,11 @@ class BudgetSnapshot:
         layer.store.append(self.keys, self.values)
         layer.positions, layer.scores = self.positions.clone(), self.scores.clone()
         layer.length = self.length
-        if layer.host is not None:
+        if isinstance(layer.host, QuantizedKV):
+            layer.host.truncate(self.host_length, self.host_recent)
+        elif layer.host is not None:
             layer.host.set_length(self.host_length)
+        if layer.host is not None:
             del layer.host_positions[self.host_chunks :]
 
     @staticmethod

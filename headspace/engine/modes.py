@@ -128,7 +128,7 @@ def _offload_footprint(request: CacheRequest) -> tuple[int, int]:
         placement = _placement(request)
     except HeadspaceError:
         placement = plan(request.shape, request.tokens, request.dtype, "offload", 0, options.group_heads,
-                         request.chunk_size)
+                         request.chunk_size, options.precision)
     return placement.device_kv_bytes, placement.host_kv_bytes
 
 
@@ -168,8 +168,11 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
 
     def host_plan(request: CacheRequest) -> tuple[int, Placement]:
         """offload+locret: the head group size and the plan of a host tier that could take every token."""
-        group = request.options[0].group_heads or auto_group_heads(request.shape, request.tokens, request.dtype, 0)
-        return group, plan(request.shape, request.tokens, request.dtype, "offload", 0, group)
+        options = request.options[0]
+        group = options.group_heads or auto_group_heads(request.shape, request.tokens, request.dtype, 0,
+                                                        precision=options.precision)
+        return group, plan(request.shape, request.tokens, request.dtype, "offload", 0, group,
+                           precision=options.precision)
 
     def footprint(request: CacheRequest) -> tuple[int, int]:
         budget = request.options[0].resolve(request.prompt_tokens or request.tokens)

@@ -41,6 +41,10 @@ it. What attention covers there:
   decode step moves nothing over PCIe; tokens evicted during decode go to the host
   too. With ``decode="exact"`` decode also attends over the host tokens, and the
   mode computes exactly what ``full`` (and ``offload``) compute.
+
+With ``kv_dtype="host=int4"`` (or another precision for the host tier) the evicted tokens are
+stored quantized (:mod:`headspace.kv.quant`): their whole groups as rows in host RAM, the newest
+ones in full precision on the device; the budget on the device stays exact.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ from headspace.errors import HeadspaceError
 from headspace.eviction.policies import POLICIES, Policy, ScoreInputs, make_policy, policy_fields
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import HeadspaceLayer, Phase, WindowLayer
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
+from headspace.kv.quant.schemes import Scheme
+from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
 from headspace.shape import ModelShape
@@ -106,6 +113,7 @@ class OffloadBudgetOptions(BudgetOptions):
 
     decode: str = "budget"  # "budget": the device-resident tokens only; "exact": host tokens too
     group_heads: int | None = None  # heads streamed back per step in prefill (None: automatic)
+    kv_dtype: str = "bf16"  # the evicted tokens' precision in host RAM: "host=int4" (the budget stays exact)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,6 +121,15 @@ class OffloadBudgetOptions(BudgetOptions):
             raise HeadspaceError(f"decode must be 'budget' or 'exact', got '{self.decode}'")
         if self.group_heads is not None and self.group_heads < 1:
             raise HeadspaceError(f"group_heads must be at least 1, got {self.group_heads}")
+        precision = KVPrecision.parse(self.kv_dtype)
+        if not precision.scheme("gpu").exact:
+            raise HeadspaceError(f"offload+locret keeps its budget on the device exact; only the evicted tokens in "
+                                 f"host RAM can be quantized: give kv_dtype=host=<precision>, not '{self.kv_dtype}'")
+        object.__setattr__(self, "kv_dtype", str(precision))
+
+    @property
+    def precision(self) -> KVPrecision:
+        return KVPrecision.parse(self.kv_dtype)
 
 
 @dataclass
@@ -162,14 +179,16 @@ class BudgetLayer(HeadspaceLayer):
     """
 
     def __init__(self, index: int, policy: Policy, settings: BudgetSettings, chunk_size: int,
-                 transfers: Transfers | None = None, group_heads: int = 1, block_tokens: int = 1024):
+                 transfers: Transfers | None = None, group_heads: int = 1, block_tokens: int = 1024,
+                 host_scheme: Scheme | None = None):
         super().__init__()
         self.index, self.policy, self.settings = index, policy, settings
         self.budget = settings.budget_of(index)
         self.chunk_size = chunk_size
         self.transfers, self.group_heads, self.block_tokens = transfers, group_heads, block_tokens
+        self.host_scheme = host_scheme  # None or exact: evicted tokens kept as computed
         self.store: DeviceKV | None = None
-        self.host: HostKV | None = None
+        self.host: HostKV | QuantizedKV | None = None
         self.host_positions: list[torch.Tensor] = []
         self.positions = self.scores = None
         self.written: torch.cuda.Event | None = None
@@ -183,7 +202,13 @@ class BudgetLayer(HeadspaceLayer):
         self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
         if self.transfers is not None:
-            self.host = HostKV(batch, heads, dim, self.dtype, self.transfers.cuda, self.block_tokens)
+            scheme = self.host_scheme
+            if scheme is None or scheme.exact:
+                self.host = HostKV(batch, heads, dim, self.dtype, self.transfers.cuda, self.block_tokens)
+            else:  # blocks of whole groups: rows are written a group at a time
+                block = -(-self.block_tokens // scheme.group) * scheme.group
+                rows = HostKV(batch, heads, scheme.width(dim), torch.uint8, self.transfers.cuda, block)
+                self.host = QuantizedKV(scheme, rows, dim, self.dtype, self.device)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -224,14 +249,19 @@ class BudgetLayer(HeadspaceLayer):
         ratio = q_heads // self.heads
         offloaded, resident = self.host.length, keys.shape[2]
         total = offloaded + resident
+        quantized = isinstance(self.host, QuantizedKV)
+        fetched = self.host.quantized if quantized else offloaded  # the rest of the host tokens are on the device
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
         groups = [slice(h, min(h + self.group_heads, self.heads)) for h in range(0, self.heads, self.group_heads)]
         for i, heads in enumerate(groups):
-            slot = staging.acquire(self.host, heads, offloaded, total, self.written)
+            slot = staging.acquire(self.host, heads, fetched, total, self.written)
             if i + 1 < len(groups):
-                staging.fetch(self.host, groups[i + 1], offloaded, total, self.written, staging.other)
+                staging.fetch(self.host, groups[i + 1], fetched, total, self.written, staging.other)
             width = heads.stop - heads.start
             k, v = slot.keys[:, :width, :total], slot.values[:, :width, :total]
+            if quantized:
+                k[:, :, fetched:offloaded] = self.host.recent[0][:, heads]
+                v[:, :, fetched:offloaded] = self.host.recent[1][:, heads]
             k[:, :, offloaded:] = keys[:, heads]
             v[:, :, offloaded:] = values[:, heads]
             q = slice(heads.start * ratio, heads.stop * ratio)
@@ -262,7 +292,13 @@ class BudgetLayer(HeadspaceLayer):
         if self.host is not None:
             keys, values = self.store.view()
             index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-            self.host.write(keys.gather(2, index), values.gather(2, index))
+            if isinstance(self.host, QuantizedKV):
+                self.host.append(keys.gather(2, index), values.gather(2, index))
+                rows = self.host.take_groups()
+                if rows is not None:
+                    self.host.rows.write(*rows)
+            else:
+                self.host.write(keys.gather(2, index), values.gather(2, index))
             self.written = self.transfers.mark()
             self.host_positions.append(self.positions.gather(-1, drop).cpu())
         self.store.keep(keep)
@@ -275,7 +311,8 @@ class BudgetLayer(HeadspaceLayer):
 
     @property
     def device_bytes(self) -> int:
-        return self.store.nbytes if self.store is not None else 0
+        recent = self.host.recent_bytes if isinstance(self.host, QuantizedKV) else 0
+        return (self.store.nbytes if self.store is not None else 0) + recent
 
     @property
     def host_bytes(self) -> int:
@@ -324,7 +361,7 @@ def budget_cache(
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None
         else BudgetLayer(index, chosen, settings, chunk_size, transfers if offload else None, group_heads,
-                         block_tokens)
+                         block_tokens, getattr(budget_options, "precision", EXACT_KV).scheme("host"))
         for index, window in enumerate(shape.windows)
     ]
     cache = HeadspaceCache(layers, Staging(transfers, device, model.dtype))

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache
 from headspace.attention.hook import active_cache
 from headspace.errors import HeadspaceError
 from headspace.kv.layers import HeadspaceLayer, OffloadLayer, Phase, WindowLayer
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.split import SplitSearch, layer_share, measured_rates, predicted_split
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
@@ -46,17 +47,25 @@ class OffloadOptions:
     most (layers that offload fewer attend the same share of theirs), or ``"auto"`` to find the
     fastest number by timing the first decode steps. ``gpu_memory``: a cap on the device memory
     the run holds, weights included, for the ``"auto"`` plan and the fit check: bytes
-    (``20 * 2**30``, ``"20GiB"``) or a fraction of the device (``0.5``).
+    (``20 * 2**30``, ``"20GiB"``) or a fraction of the device (``0.5``). ``kv_dtype``: the precision
+    each tier stores KV in (:class:`~headspace.kv.quant.precision.KVPrecision`): ``"bf16"`` (exact, the
+    default), ``"int4"`` (both tiers), ``"host=int4"``, ``"gpu=fp8,host=int4"``; kept as its canonical text.
     """
 
     gpu_heads: int | str | tuple[int, ...] = "auto"
     group_heads: int | None = None
     cpu_heads: int | str = 0
     gpu_memory: int | float | str | None = None
+    kv_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         if isinstance(self.gpu_heads, list):
             object.__setattr__(self, "gpu_heads", tuple(self.gpu_heads))
+        object.__setattr__(self, "kv_dtype", str(KVPrecision.parse(self.kv_dtype)))
+
+    @property
+    def precision(self) -> KVPrecision:
+        return KVPrecision.parse(self.kv_dtype)
 
     def check(self, shape: ModelShape) -> None:
         """Refuse options this model cannot have, with a message that says what to pass."""
@@ -244,7 +253,7 @@ class HeadspaceCache(Cache):
         return describe_heads(layers[0].device, layers[0].heads, [layer.gpu_heads for layer in layers],
                               max(min(layer.group_heads, layer.offloaded) for layer in layers),
                               [layer.cpu_heads for layer in layers], len(self.layers) - len(layers),
-                              searched=self.split is not None)
+                              searched=self.split is not None, precision=layers[0].precision)
 
     def rolled_back(self) -> None:
         """Positions were taken back (a kept document after a question): forget what the staging slots hold
@@ -295,7 +304,7 @@ def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, o
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None
         else OffloadLayer(transfers, device, dtype, shape.kv_heads, shape.head_dim, next(resident), group_heads,
-                          block_tokens)
+                          block_tokens, precision=options.precision)
         for window in shape.windows
     ]
     most = max((layer.offloaded for layer in layers if isinstance(layer, OffloadLayer)), default=0)
@@ -309,10 +318,12 @@ def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, o
 
 
 def describe_heads(device: torch.device, kv_heads: int, gpu_heads: Sequence[int], group_heads: int,
-                   cpu_heads: Sequence[int] = (), windows: int = 0, searched: bool = False) -> str:
+                   cpu_heads: Sequence[int] = (), windows: int = 0, searched: bool = False,
+                   precision: KVPrecision = EXACT_KV) -> str:
     """One line on where the KV heads of the full-attention layers live (``gpu_heads`` per layer on
-    ``device``, the rest in host RAM, streamed ``group_heads`` at a time) and how many of the offloaded
-    ones decode attends on the host CPU (``cpu_heads`` per layer; ``searched``: found by timing)."""
+    ``device``, the rest in host RAM, streamed ``group_heads`` at a time), how many of the offloaded
+    ones decode attends on the host CPU (``cpu_heads`` per layer; ``searched``: found by timing) and
+    the ``precision`` of the tiers when not exact."""
     where = "the GPU" if device.type == "cuda" else f"the {device.type} device"
     total, resident = kv_heads * len(gpu_heads), sum(gpu_heads)
     parts = [f"{resident} of {total} KV heads on {where} ({_span(gpu_heads)} per layer)"]
@@ -324,6 +335,8 @@ def describe_heads(device: torch.device, kv_heads: int, gpu_heads: Sequence[int]
                      f"{', split found by timing' if searched else ''})")
     if windows:
         parts.append(f"{windows} sliding-window layers on the device")
+    if not precision.exact:
+        parts.append(f"KV stored {precision}" + (" in both tiers" if precision.gpu == precision.host else ""))
     return "; ".join(parts)
 
 

@@ -4,7 +4,9 @@
 * :class:`OffloadLayer` - a full-attention layer split by KV head: ``gpu_heads`` resident on the
   device (each layer its own count), the rest in host memory, streamed back head group by head
   group through the staging double buffer while attention runs; in decode, some offloaded heads
-  are attended on the host CPU, where their KV lives, by a worker thread.
+  are attended on the host CPU, where their KV lives, by a worker thread. Either tier may keep
+  its KV quantized (:mod:`headspace.kv.quant`): its heads are then dequantized into the staging
+  buffer a head group at a time (host rows cross PCIe in their small form first).
 
 Layers are told the phase (prefill or decode) by the cache; they never guess it from shapes.
 """
@@ -14,12 +16,15 @@ from __future__ import annotations
 import enum
 import functools
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from headspace.attention.kernels import causal_attention, decode_lse, masked_decode_attention, split_decode_attention
 from headspace.errors import HeadspaceError
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
+from headspace.kv.quant.store import PIECE, QuantizedKV
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
@@ -156,26 +161,42 @@ class WindowLayer(HeadspaceLayer):
         self.length += 1
 
 
+class Group(NamedTuple):
+    """Heads attended through the staging buffer: ``heads`` of ``store``, the layer's KV heads from ``first``."""
+
+    store: HostKV | QuantizedKV | None
+    heads: slice
+    first: int
+
+
 class OffloadLayer(HeadspaceLayer):
-    """A full-attention layer split by KV head between the device and host memory."""
+    """A full-attention layer split by KV head between the device and host memory, each tier stored at the
+    ``precision`` asked for."""
 
     def __init__(self, transfers: Transfers, device: torch.device, dtype: torch.dtype, kv_heads: int, head_dim: int,
-                 gpu_heads: int, group_heads: int, block_tokens: int, cpu_heads: int = 0):
+                 gpu_heads: int, group_heads: int, block_tokens: int, cpu_heads: int = 0,
+                 precision: KVPrecision = EXACT_KV):
         super().__init__()
         self.transfers = transfers
         self.device, self.dtype, self.heads, self.head_dim = device, dtype, kv_heads, head_dim
         self.gpu_heads, self.group_heads, self.block_tokens = gpu_heads, group_heads, block_tokens
+        self.precision = precision
         self.batch: int | None = None  # storage is allocated for this batch size
-        self.resident: DeviceKV | None = None
-        self.host: HostKV | None = None
+        self.resident: DeviceKV | QuantizedKV | None = None
+        self.host: HostKV | QuantizedKV | None = None
         offloaded, step = kv_heads - gpu_heads, group_heads
         self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]  # streamed in prefill
+        # quantized resident heads are dequantized through the staging buffer too, a group at a time
+        quantized = not precision.scheme("gpu").exact
+        self.resident_groups = [slice(i, min(i + step, gpu_heads)) for i in range(0, gpu_heads, step)
+                                ] if quantized else []
         self.set_cpu_heads(cpu_heads)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the
         # positions before the latest chunk only need the older ones, so they need not wait for this layer's KV.
         self.written: torch.cuda.Event | None = None
         self.settled: torch.cuda.Event | None = None
+        self.resident_written: torch.cuda.Event | None = None  # quantized resident rows, written on the device
         self.reserved = 0
         self._static_storage: int | None = None  # the resident storage a static form of decode began with
 
@@ -190,11 +211,20 @@ class OffloadLayer(HeadspaceLayer):
         """Create the device and host stores for ``batch`` sequences, with room for the reserved positions."""
         self.batch = batch
         if self.gpu_heads:
-            self.resident = DeviceKV(batch, self.gpu_heads, self.head_dim, self.dtype, self.device)
+            self.resident = self._store("gpu", batch, self.gpu_heads)
         if self.groups:
-            self.host = HostKV(batch, self.heads - self.gpu_heads, self.head_dim, self.dtype, self.transfers.cuda,
-                               self.block_tokens)
+            self.host = self._store("host", batch, self.heads - self.gpu_heads)
         self.reserve(self.reserved)
+
+    def _store(self, tier: str, batch: int, heads: int) -> DeviceKV | HostKV | QuantizedKV:
+        """The storage of ``heads`` heads in ``tier`` (``gpu`` or ``host``) at this layer's precision there."""
+        scheme = self.precision.scheme(tier)
+        dim, dtype = (self.head_dim, self.dtype) if scheme.exact else (scheme.width(self.head_dim), torch.uint8)
+        if tier == "gpu":
+            store = DeviceKV(batch, heads, dim, dtype, self.device)
+        else:
+            store = HostKV(batch, heads, dim, dtype, self.transfers.cuda, self.block_tokens)
+        return store if scheme.exact else QuantizedKV(scheme, store, self.head_dim, self.dtype, self.device)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -229,32 +259,71 @@ class OffloadLayer(HeadspaceLayer):
             self.resident.append(key_states[:, :g], value_states[:, :g])
         if self.host is not None:
             keys, values = key_states[:, g:].contiguous(), value_states[:, g:].contiguous()
-            d2h = self.transfers.d2h
-            self.transfers.wait(self.transfers.mark(), d2h)
-            with self.transfers.on(d2h):
-                self.host.write(keys, values)
-            if d2h is not None:
-                keys.record_stream(d2h)
-                values.record_stream(d2h)
-            self.settled, self.written = self.written, self.transfers.mark(d2h)
-            self.pending = (keys, values)
+            if isinstance(self.host, QuantizedKV):
+                self.host.append(keys, values)  # quantized and copied out once attended (:meth:`flush`)
+            else:
+                self._write_host(self.host, keys, values)
+                self.pending = (keys, values)
         self.length += key_states.shape[2]
         return key_states, value_states
+
+    def _write_host(self, host: HostKV, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append ``keys``/``values`` to ``host`` on the device-to-host stream, after what computed them."""
+        d2h = self.transfers.d2h
+        self.transfers.wait(self.transfers.mark(), d2h)
+        with self.transfers.on(d2h):
+            host.write(keys, values)
+        if d2h is not None:
+            keys.record_stream(d2h)
+            values.record_stream(d2h)
+        self.settled, self.written = self.written, self.transfers.mark(d2h)
+
+    def flush(self) -> None:
+        """The stored positions are attended: quantize the whole groups of quantized tiers beyond their residual
+        windows (on the device) and store them as rows, host rows copied out on the device-to-host stream."""
+        if isinstance(self.resident, QuantizedKV) and (rows := self.resident.take_groups()) is not None:
+            self.resident.rows.append(*rows)
+            self.resident_written = self.transfers.mark()
+        if isinstance(self.host, QuantizedKV) and (rows := self.host.take_groups()) is not None:
+            self._write_host(self.host.rows, *rows)
+        self.pending = None
 
     @property
     def offloaded(self) -> int:
         """KV heads of this layer kept in host memory."""
         return self.heads - self.gpu_heads
 
-    def streamed(self, phase: Phase) -> list[slice]:
-        """The groups of offloaded heads copied to the device in ``phase`` (decode leaves out the host-attended)."""
-        return self.decode_groups if phase is Phase.DECODE else self.groups
+    def streamed(self, phase: Phase) -> list[Group]:
+        """The head groups attended through the staging buffer in ``phase``: quantized resident heads, then the
+        offloaded heads copied to the device (decode leaves out the host-attended)."""
+        offloaded = self.decode_groups if phase is Phase.DECODE else self.groups
+        return ([Group(self.resident, heads, heads.start) for heads in self.resident_groups]
+                + [Group(self.host, heads, self.gpu_heads + heads.start) for heads in offloaded])
+
+    def _fetched(self, store: HostKV | QuantizedKV, new: int) -> int:
+        """Positions of ``store`` staged from the store itself, before ``new`` positions were stored; the rest
+        (its full-precision recent positions, or the exact host tier's latest chunk) come from the device."""
+        return store.quantized if isinstance(store, QuantizedKV) else self.length - new
+
+    def _written(self, store: HostKV | QuantizedKV, new: int) -> torch.cuda.Event | None:
+        """What a read of the positions :meth:`_fetched` gives waits for."""
+        if store is self.resident:
+            return self.resident_written
+        return self.settled if new and not isinstance(store, QuantizedKV) else self.written
+
+    def _stage(self, staging: Staging, group: Group, new: int, room: int, slot_index: int | None = None):
+        """Fetch ``group`` into staging slot ``slot_index`` (prefetching), or acquire the slot holding it (None)."""
+        tokens, written = self._fetched(group.store, new), self._written(group.store, new)
+        if slot_index is None:
+            return staging.acquire(group.store, group.heads, tokens, room, written)
+        staging.fetch(group.store, group.heads, tokens, room, written, slot_index)
+        return None
 
     def fetch_first(self, staging: Staging, room: int, phase: Phase) -> None:
         """Prefetch this layer's first streamed group of ``phase`` into the idle staging slot."""
         groups = self.streamed(phase)
         if groups and self.is_initialized:
-            staging.fetch(self.host, groups[0], self.length, room, self.written, staging.other)
+            self._stage(staging, groups[0], 0, room, staging.other)
 
     def attend(self, query: torch.Tensor, scaling: float, staging: Staging, phase: Phase,
                after: OffloadLayer | None = None) -> torch.Tensor:
@@ -262,34 +331,33 @@ class OffloadLayer(HeadspaceLayer):
         ratio = q_heads // self.heads
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
         g = self.gpu_heads
-        if self.resident is not None:
+        if isinstance(self.resident, DeviceKV):
             keys, values = self.resident.view()
             out[:, : g * ratio] = causal_attention(query[:, : g * ratio], keys, values, scaling)
-        if not self.groups:
-            return out
-        decoding = phase is Phase.DECODE
         groups = self.streamed(phase)
         # decode: the host-attended heads start on a worker thread as soon as the query reaches the host,
         # while this thread issues the streamed groups
+        decoding = phase is Phase.DECODE
         host_job = self._start_host_attention(query, ratio, scaling) if decoding and self.cpu_heads else None
-        new_keys, new_values = self.pending
-        past, total = self.length - chunk, self.length
-        for index, heads in enumerate(groups):
-            slot = staging.acquire(self.host, heads, past, total, self.settled)
+        total = self.length
+        for index, group in enumerate(groups):
+            slot = self._stage(staging, group, chunk, total)
             if index + 1 < len(groups):
-                staging.fetch(self.host, groups[index + 1], past, total, self.settled, staging.other)
+                self._stage(staging, groups[index + 1], chunk, total, staging.other)
             elif after is not None:
                 after.fetch_first(staging, total, phase)
+            heads, start = group.heads, self._fetched(group.store, chunk)
             width = heads.stop - heads.start
             keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
-            keys[:, :, past:] = new_keys[:, heads]
-            values[:, :, past:] = new_values[:, heads]
-            q = slice((g + heads.start) * ratio, (g + heads.stop) * ratio)
+            tail_keys, tail_values = group.store.recent if isinstance(group.store, QuantizedKV) else self.pending
+            keys[:, :, start:] = tail_keys[:, heads]
+            values[:, :, start:] = tail_values[:, heads]
+            q = slice(group.first * ratio, (group.first + width) * ratio)
             out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
         if host_job is not None:
             out[:, (self.heads - self.cpu_heads) * ratio :] = host_job.result().to(out.device, non_blocking=True)
-        self.pending = None
+        self.flush()
         return out
 
     def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float) -> Future:
@@ -297,24 +365,35 @@ class OffloadLayer(HeadspaceLayer):
         host worker thread.
 
         Those heads' KV never crosses PCIe, only the query and the output do; the worker's
-        attention runs while the GPU attends the streamed groups, so the two share the work.
+        attention runs while the GPU attends the streamed groups, so the two share the work. A
+        quantized host tier is read in its rows, dequantized piece by piece by the worker; its
+        newest positions, on the device in full precision, travel with the query.
         """
         first = (self.heads - self.cpu_heads) * ratio
+        offloaded = self.host.shape[1]
+        heads = slice(offloaded - self.cpu_heads, offloaded)
+        quantized = isinstance(self.host, QuantizedKV)
         d2h = self.transfers.d2h
         self.transfers.wait(self.transfers.mark(), d2h)
         with self.transfers.on(d2h):
             host_query = query[:, first:].to("cpu", non_blocking=True)
+            if quantized:
+                recent = [tuple(part[:, heads].to("cpu", non_blocking=True) for part in self.host.recent)]
+        if quantized and d2h is not None:
+            for part in self.host.recent:  # :meth:`flush` replaces them while the copy may still run
+                part.record_stream(d2h)
         copied = self.transfers.mark(d2h)
-        offloaded = self.host.shape[1]
-        heads = slice(offloaded - self.cpu_heads, offloaded)
+        tier = self.host.rows if quantized else self.host
         spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
-                 for k, v, at, _, n in self.host.spans(0, self.length)]
+                 for k, v, at, _, n in tier.spans(0, tier.length if quantized else self.length)]
+        if quantized:
+            spans = HostRows(self.host.scheme, spans, recent, self.head_dim, self.dtype)
         return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
 
     # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots
     @property
     def static_capable(self) -> bool:
-        return self.offloaded == 0
+        return self.offloaded == 0 and isinstance(self.resident, DeviceKV)  # quantized heads go through staging
 
     def static_room(self, tokens: int) -> int:
         """Room for at least ``tokens`` positions on the device (grown as an append would); the room there is."""
@@ -347,11 +426,29 @@ class OffloadLayer(HeadspaceLayer):
 
     @property
     def device_bytes(self) -> int:
-        return self.resident.nbytes if self.resident is not None else 0
+        recent = sum(store.recent_bytes for store in (self.resident, self.host) if isinstance(store, QuantizedKV))
+        return (self.resident.nbytes if self.resident is not None else 0) + recent
 
     @property
     def host_bytes(self) -> int:
         return self.host.nbytes if self.host is not None else 0
+
+
+class HostRows:
+    """Spans of quantized host rows as the host attention reads them: dequantized a piece at a time as it
+    iterates (bounded memory), then the newest positions in full precision."""
+
+    def __init__(self, scheme, spans: list[tuple[torch.Tensor, torch.Tensor]],
+                 recent: list[tuple[torch.Tensor, torch.Tensor]], head_dim: int, dtype: torch.dtype):
+        self.scheme, self.spans, self.recent, self.head_dim, self.dtype = scheme, spans, recent, head_dim, dtype
+
+    def __iter__(self):
+        step = max(PIECE // self.scheme.group, 1) * self.scheme.group
+        for keys, values in self.spans:
+            for start in range(0, keys.shape[2], step):
+                yield (self.scheme.dequantize(keys[:, :, start : start + step], True, self.head_dim, self.dtype),
+                       self.scheme.dequantize(values[:, :, start : start + step], False, self.head_dim, self.dtype))
+        yield from self.recent
 
 
 @functools.cache

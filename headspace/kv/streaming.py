@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.tiers import HostKV
 
 
@@ -48,6 +49,8 @@ class Slot:
     keys: torch.Tensor
     values: torch.Tensor
     tag: tuple | None = None  # (host tier id, first head, end head, tokens) of the data in it
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None  # quantized host rows land here before dequantizing
+    quantized: tuple[QuantizedKV, slice, int] | None = None  # (store, heads, tokens) fetched, not yet dequantized
     ready: torch.cuda.Event | None = None  # host-to-device copy finished
     free: torch.cuda.Event | None = None  # compute finished reading it
 
@@ -83,9 +86,11 @@ class Staging:
             slot.tag = None
         return slot
 
-    def fetch(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None,
-              slot_index: int) -> None:
-        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``)."""
+    def fetch(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
+              written: torch.cuda.Event | None, slot_index: int) -> None:
+        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``). Of a
+        quantized store only host rows are copied, as they are: :meth:`acquire` dequantizes them (or rows on
+        the device) on the compute stream, so this stream carries nothing but copies."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
         tag = (id(host), heads.start, heads.stop, tokens)
@@ -94,12 +99,30 @@ class Staging:
         h2d = self.transfers.h2d
         self.transfers.wait(slot.free, h2d)
         self.transfers.wait(written, h2d)
+        quantized = isinstance(host, QuantizedKV)
         with self.transfers.on(h2d):
-            host.read(heads, slot.keys, slot.values, tokens)
+            if not quantized:
+                host.read(heads, slot.keys, slot.values, tokens)
+            elif isinstance(host.rows, HostKV):
+                host.rows.read(heads, *self._rows(slot, host, heads, tokens), tokens)
         slot.ready = self.transfers.mark(h2d)
         slot.tag = tag
+        slot.quantized = (host, heads, tokens) if quantized else None
 
-    def acquire(self, host: HostKV, heads: slice, tokens: int, room: int, written: torch.cuda.Event | None) -> Slot:
+    def _rows(self, slot: Slot, store: QuantizedKV, heads: slice, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slot's device buffers for ``tokens`` host rows of ``heads`` heads of ``store``, allocated on the copy
+        stream; a fetch into the slot waits until compute is done with them."""
+        batch, _, width = store.rows.shape
+        have = slot.rows[0].shape if slot.rows is not None else None
+        count = heads.stop - heads.start
+        if have is None or have[1] < count or have[2] < tokens or have[3] != width or have[0] != batch:
+            size = (batch, max(count, have[1] if have else 0), max(tokens, self.min_tokens), width)
+            keys = torch.empty(size, device=self.device, dtype=torch.uint8)
+            slot.rows = (keys, torch.empty_like(keys))
+        return slot.rows
+
+    def acquire(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
+                written: torch.cuda.Event | None) -> Slot:
         """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``."""
         tag = (id(host), heads.start, heads.stop, tokens)
         index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
@@ -115,13 +138,17 @@ class Staging:
             slot.values = torch.empty_like(slot.keys)
             slot.keys[:, :, :tokens] = keys[:, :, :tokens]
             slot.values[:, :, :tokens] = values[:, :, :tokens]
+        if slot.quantized is not None:
+            store, heads, tokens = slot.quantized
+            store.dequantize(heads, slot.keys, slot.values, tokens, slot.rows)
+            slot.quantized = None
         return slot
 
     def forget(self) -> None:
         """Drop what the slots are known to hold: after a cache is rolled back, the same host positions are
         written again with other tokens, and a slot tagged with them would serve the old ones."""
         for slot in self.slots:
-            slot.tag = None
+            slot.tag, slot.quantized = None, None
 
     def release(self, slot: Slot) -> None:
         """All compute that reads ``slot`` has been issued; a later fetch into it waits for that."""
@@ -133,4 +160,5 @@ class Staging:
 
     @property
     def nbytes(self) -> int:
-        return sum(2 * s.keys.numel() * s.keys.element_size() for s in self.slots)
+        return sum(2 * s.keys.numel() * s.keys.element_size() + (2 * s.rows[0].numel() if s.rows else 0)
+                   for s in self.slots)

@@ -3,8 +3,10 @@
 A :class:`Placement` says, for a context of ``tokens`` positions, how many KV heads of
 each full-attention layer stay resident on the device; the others live in host RAM
 and stream through a double buffer of ``group_heads`` heads. Sliding-window layers
-are bounded by their window and stay on the device. Everything here is exact
-arithmetic on the model's shape: no device is touched.
+are bounded by their window and stay on the device. Each tier stores its heads at
+its precision (``kv_dtype``): the bytes per head and token come from the scheme
+(:meth:`~headspace.kv.quant.schemes.Scheme.bytes_per_token`, scales included).
+Everything here is exact arithmetic on the model's shape: no device is touched.
 """
 
 from __future__ import annotations
@@ -16,20 +18,28 @@ import torch
 
 from headspace.errors import HeadspaceError
 from headspace.kv.cache import OffloadOptions, describe_heads
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.shape import ModelShape
 
 STAGING_BUDGET = 2**30  # the most bytes an automatic group size lets the double buffer take
 
 
+def staging_row_bytes(shape: ModelShape, dtype: torch.dtype, precision: KVPrecision = EXACT_KV) -> int:
+    """Bytes of one head and position in a staging slot: the keys and values attended, in the model's dtype,
+    and, when the host tier is quantized, its rows copied over before they are dequantized."""
+    host = precision.scheme("host")
+    return shape.row_bytes(dtype.itemsize) + (0 if host.exact else host.bytes_per_token(shape.head_dim, 1))
+
+
 def auto_group_heads(shape: ModelShape, tokens: int, dtype: torch.dtype, gpu_heads: int = 0,
-                     budget: int = STAGING_BUDGET) -> int:
+                     budget: int = STAGING_BUDGET, precision: KVPrecision = EXACT_KV) -> int:
     """The most offloaded heads per transfer group whose double buffer fits in ``budget`` bytes, and no more
     than a layer with ``gpu_heads`` resident heads offloads.
 
     Bigger groups mean fewer, larger attention kernels (better GPU utilization in
     prefill); at very long contexts the budget shrinks them to one head.
     """
-    per_head = 2 * shape.row_bytes(dtype.itemsize) * max(tokens, 1)  # two slots
+    per_head = 2 * staging_row_bytes(shape, dtype, precision) * max(tokens, 1)  # two slots
     return max(1, min(shape.kv_heads - gpu_heads, budget // per_head))
 
 
@@ -54,15 +64,32 @@ class Placement:
     gpu_heads: tuple[int, ...]
     group_heads: int
     kv_heads: int
-    row_bytes: int  # keys and values of one head for one position
+    row_bytes: int  # keys and values of one head for one position, exact
     window_layers: int
     window_bytes: int  # the sliding-window layers' KV, all on the device
-    kv_bytes_per_token: int  # every head of every layer, as if no window bounded them
+    kv_bytes_per_token: int  # every head of every layer at the device tier's precision, as if no window bounded them
+    precision: KVPrecision = EXACT_KV
+    resident_row_bytes: int = 0  # row_bytes at each tier's precision (0: exact, row_bytes)
+    host_row_bytes: int = 0
+    staging_row_bytes: int = 0  # a head and position of a staging slot (0: row_bytes)
+    recent_bytes: int = 0  # newest positions that quantized tiers keep in full precision on the device
+
+    def _row(self, value: int) -> int:
+        return value or self.row_bytes
 
     @property
     def head_bytes(self) -> int:
-        """One head of one layer over the whole context: the unit a plan fills the device with."""
-        return self.row_bytes * self.tokens
+        """One resident head of one layer over the whole context: the unit a plan fills the device with."""
+        return self._row(self.resident_row_bytes) * self.tokens
+
+    @property
+    def host_head_bytes(self) -> int:
+        return self._row(self.host_row_bytes) * self.tokens
+
+    @property
+    def staged_head_bytes(self) -> int:
+        """One head over the whole context in a staging slot."""
+        return self._row(self.staging_row_bytes) * self.tokens
 
     @property
     def total_heads(self) -> int:
@@ -79,7 +106,7 @@ class Placement:
     @property
     def staging_bytes(self) -> int:
         """The double buffer that offloaded groups stream through."""
-        return 2 * self.group_heads * self.head_bytes
+        return 2 * self.group_heads * self.staged_head_bytes
 
     @property
     def resident_kv_bytes(self) -> int:
@@ -87,16 +114,16 @@ class Placement:
 
     @property
     def device_kv_bytes(self) -> int:
-        return self.resident_kv_bytes + self.window_bytes + self.staging_bytes
+        return self.resident_kv_bytes + self.window_bytes + self.staging_bytes + self.recent_bytes
 
     @property
     def host_kv_bytes(self) -> int:
-        return self.offloaded_heads * self.head_bytes
+        return self.offloaded_heads * self.host_head_bytes
 
     def describe(self, device: torch.device) -> str:
         """One line, as a cache built from this placement describes itself."""
         return describe_heads(device, self.kv_heads, self.gpu_heads, self.group_heads,
-                              windows=self.window_layers)
+                              windows=self.window_layers, precision=self.precision)
 
 
 def spread(resident: int, layers: int, kv_heads: int) -> tuple[int, ...]:
@@ -110,18 +137,28 @@ def spread(resident: int, layers: int, kv_heads: int) -> tuple[int, ...]:
 
 
 def plan(shape: ModelShape, tokens: int, dtype: torch.dtype, mode: str = "offload",
-         gpu_heads: int | Sequence[int] = 1, group_heads: int | None = None, chunk_size: int = 4096) -> Placement:
+         gpu_heads: int | Sequence[int] = 1, group_heads: int | None = None, chunk_size: int = 4096,
+         precision: KVPrecision = EXACT_KV) -> Placement:
     """The placement of ``tokens`` positions in ``mode``: ``full`` keeps every head on the device; ``offload``
     keeps ``gpu_heads`` (a count for every full-attention layer, or one count per layer) and streams the rest
-    ``group_heads`` at a time (None: automatic). ``chunk_size`` bounds what sliding-window layers hold."""
+    ``group_heads`` at a time (None: automatic). ``chunk_size`` bounds what sliding-window layers hold.
+    ``precision``: what each tier stores (``full``, plain transformers, is always exact)."""
     if mode not in ("full", "offload"):
         raise HeadspaceError(f"memory plans exist for the modes full and offload, not '{mode}'")
     if mode == "full":
         gpu_heads = shape.kv_heads
     resident = OffloadOptions(gpu_heads=tuple(gpu_heads) if not isinstance(gpu_heads, int) else gpu_heads)
     counts = resident.layer_gpu_heads(shape)
+    gpu, host = precision.scheme("gpu"), precision.scheme("host")
     most = shape.kv_heads - min(counts, default=shape.kv_heads)  # the most heads a layer offloads
-    group = min(group_heads or auto_group_heads(shape, tokens, dtype, shape.kv_heads - most), most)
-    row = shape.row_bytes(dtype.itemsize)
+    if not gpu.exact and any(counts):
+        most = max(most, max(counts))  # quantized resident heads are dequantized through the staging buffer too
+    group = min(group_heads or auto_group_heads(shape, tokens, dtype, shape.kv_heads - most, precision=precision),
+                most)
+    row, dim = shape.row_bytes(dtype.itemsize), shape.head_dim
+    resident_row, host_row = gpu.bytes_per_token(dim, dtype.itemsize), host.bytes_per_token(dim, dtype.itemsize)
+    quantized_heads = sum(counts) * (not gpu.exact) + (shape.kv_heads * len(counts) - sum(counts)) * (not host.exact)
+    recent = quantized_heads * row * max(gpu.residual + gpu.group, host.residual + host.group)
     return Placement(tokens, counts, group, shape.kv_heads, row, shape.layers - shape.full_layers,
-                     window_bytes(shape, tokens, dtype, chunk_size), row * shape.kv_heads * shape.layers)
+                     window_bytes(shape, tokens, dtype, chunk_size), resident_row * shape.kv_heads * shape.layers,
+                     precision, resident_row, host_row, staging_row_bytes(shape, dtype, precision), recent)

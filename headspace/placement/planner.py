@@ -24,6 +24,7 @@ import torch
 
 from headspace.errors import HeadspaceError
 from headspace.kv.cache import OffloadOptions
+from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.placement.arithmetic import Placement, auto_group_heads, plan, spread
 from headspace.placement.machine import HOST_HEADROOM, Machine
 from headspace.placement.peak import full_overhead, working_set
@@ -41,34 +42,39 @@ def device_room(shape: ModelShape, dtype: torch.dtype, chunk_size: int, machine:
 
 
 def fill(shape: ModelShape, tokens: int, dtype: torch.dtype, room: int, chunk_size: int,
-         group_heads: int | None = None) -> Placement | None:
+         group_heads: int | None = None, precision: KVPrecision = EXACT_KV) -> Placement | None:
     """The automatic plan for ``tokens`` positions in ``room`` device bytes; None when not even every head
     offloaded fits (the sliding-window layers and the double buffer alone exceed ``room``).
 
     The double buffer holds ``group_heads`` heads (None: the automatic size, shrunk to what the
     most-offloading layer streams and, when the device is that tight, to what fits); the plan
-    then holds as many resident heads as the rest of ``room`` takes whole.
+    then holds as many resident heads as the rest of ``room`` takes whole, at the device tier's
+    ``precision`` (the double buffer holds exact heads, and host rows when that tier is quantized).
     """
-    everything = plan(shape, tokens, dtype, "full", chunk_size=chunk_size)
+    everything = plan(shape, tokens, dtype, "offload", shape.kv_heads, group_heads, chunk_size, precision)
     if everything.device_kv_bytes <= room:
         return everything
-    layers, head = shape.full_layers, everything.head_bytes
-    free = room - everything.window_bytes
+    layers, head, staged = shape.full_layers, everything.head_bytes, everything.staged_head_bytes
+    recent = max(everything.recent_bytes, plan(shape, tokens, dtype, "offload", 0, 1, chunk_size,
+                                               precision).recent_bytes)
+    free = room - everything.window_bytes - recent
     if layers == 0 or free < 0:
         return None
-    group = group_heads or auto_group_heads(shape, tokens, dtype)
+    group = group_heads or auto_group_heads(shape, tokens, dtype, precision=precision)
     while True:
-        resident = min(everything.total_heads, (free - 2 * group * head) // head)
+        resident = min(everything.total_heads, (free - 2 * group * staged) // head)
         if resident < 0:
             if group_heads is not None or group == 1:
                 return None
             group -= 1
             continue
-        streamed = min(group, shape.kv_heads - resident // layers)  # no more than a layer offloads
+        # no more than a layer offloads (or, when resident heads are quantized, holds: they are staged too)
+        streamed = min(group, shape.kv_heads - resident // layers if precision.scheme("gpu").exact else group)
         if streamed == group:
             break
         group = streamed  # a smaller double buffer may leave room for more resident heads
-    return plan(shape, tokens, dtype, "offload", spread(resident, layers, shape.kv_heads), group, chunk_size)
+    return plan(shape, tokens, dtype, "offload", spread(resident, layers, shape.kv_heads), group, chunk_size,
+                precision)
 
 
 def propose(options: OffloadOptions, shape: ModelShape, tokens: int, dtype: torch.dtype, chunk_size: int,
@@ -77,11 +83,11 @@ def propose(options: OffloadOptions, shape: ModelShape, tokens: int, dtype: torc
     machine (:func:`place` checks). An automatic plan that cannot fit keeps no head resident."""
     room = device_room(shape, dtype, chunk_size, machine)
     if options.gpu_heads == "auto" and room is not None:
-        planned = fill(shape, tokens, dtype, room, chunk_size, options.group_heads)
+        planned = fill(shape, tokens, dtype, room, chunk_size, options.group_heads, options.precision)
         if planned is not None:
             return planned
     resident = options.layer_gpu_heads(shape) if options.gpu_heads != "auto" else 0 if room is not None else 1
-    return plan(shape, tokens, dtype, "offload", resident, options.group_heads, chunk_size)
+    return plan(shape, tokens, dtype, "offload", resident, options.group_heads, chunk_size, options.precision)
 
 
 def _where(machine: Machine) -> str:

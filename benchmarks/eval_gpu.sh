@@ -26,7 +26,9 @@
 #
 # Environment: CALL (seconds the whole call may take, default 570; the tables get the last REPORT=90), CHUNK
 # (prefill chunk, default 1024: a 4K prompt is evicted from four times, so no mode sees the question before it
-# compresses), DTYPE (float32), DEVICE (cuda), MODES and TASKS (default: every mode and task above).
+# compresses), DTYPE (float32), DEVICE (cuda), MODES and TASKS (default: every mode and task above), PARTS
+# (where the per-setting runs go; on a machine whose working tree is copied afresh for each call, a folder
+# outside it, e.g. PARTS=/root/parts, keeps them from one call to the next).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +40,7 @@ DEVICE=${DEVICE:-cuda}
 TASKS=${TASKS:-niah_single,niah_multikey,niah_multivalue,variable_tracking,common_words,heldout_single,heldout_multikey}
 MODES=${MODES:-full,locret,streamingllm,snapkv,snapkv-question,expected-attention,tova,knorm,h2o,pyramidkv,random}
 RESULTS=benchmarks/results
-PARTS=$RESULTS/parts
+PARTS=${PARTS:-$RESULTS/parts}
 RUNS=("smollm2-135m 4k 4096" "smollm2-135m 8k 8000" "gemma3-270m 8k 8192" "gemma3-270m 16k 16384"
       "gemma3-270m 32k 32000")
 SETTINGS=(inside after)

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,10 +141,17 @@ def dequantized_dir(gguf: Path) -> Path:
     check_supported(model.config)
     model.hf_quantizer = None  # the weights are dequantized: save them as plain tensors
     del model.config.quantization_config
-    partial = target.with_name(target.name + ".partial")
+    # a partial directory of this process's own: processes started together (an evaluation's parallel runs)
+    # may all dequantize the same file; the first rename wins, the others drop their copy
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    try:
+        partial.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

@@ -59,7 +59,7 @@ from headspace.attention.kernels import causal_attention
 from headspace.errors import HeadspaceError
 from headspace.eviction.policies import POLICIES, Policy, ScoreInputs, make_policy, policy_fields
 from headspace.kv.cache import HeadspaceCache
-from headspace.kv.layers import HeadspaceLayer, Phase, WindowLayer
+from headspace.kv.layers import HeadspaceLayer, Phase, WindowLayer, head_groups
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.schemes import Scheme
 from headspace.kv.quant.store import QuantizedKV
@@ -252,7 +252,7 @@ class BudgetLayer(HeadspaceLayer):
         quantized = isinstance(self.host, QuantizedKV)
         fetched = self.host.quantized if quantized else offloaded  # the rest of the host tokens are on the device
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
-        groups = [slice(h, min(h + self.group_heads, self.heads)) for h in range(0, self.heads, self.group_heads)]
+        groups = head_groups(self.heads, self.group_heads)
         for i, heads in enumerate(groups):
             slot = staging.acquire(self.host, heads, fetched, total, self.written)
             if i + 1 < len(groups):

@@ -30,6 +30,11 @@ from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
 
 
+def head_groups(heads: int, step: int) -> list[slice]:
+    """The first ``heads`` KV heads in groups of ``step`` (the last may be smaller): what one staging slot holds."""
+    return [slice(start, min(start + step, heads)) for start in range(0, heads, step)]
+
+
 class Phase(enum.Enum):
     """What a forward call does: feed prompt tokens (any number) or decode one new token per sequence."""
 
@@ -184,12 +189,10 @@ class OffloadLayer(HeadspaceLayer):
         self.batch: int | None = None  # storage is allocated for this batch size
         self.resident: DeviceKV | QuantizedKV | None = None
         self.host: HostKV | QuantizedKV | None = None
-        offloaded, step = kv_heads - gpu_heads, group_heads
-        self.groups = [slice(i, min(i + step, offloaded)) for i in range(0, offloaded, step)]  # streamed in prefill
+        self.groups = head_groups(kv_heads - gpu_heads, group_heads)  # streamed in prefill
         # quantized resident heads are dequantized through the staging buffer too, a group at a time
         quantized = not precision.scheme("gpu").exact
-        self.resident_groups = [slice(i, min(i + step, gpu_heads)) for i in range(0, gpu_heads, step)
-                                ] if quantized else []
+        self.resident_groups = head_groups(gpu_heads, group_heads) if quantized else []
         self.set_cpu_heads(cpu_heads)
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the
@@ -202,10 +205,8 @@ class OffloadLayer(HeadspaceLayer):
 
     def set_cpu_heads(self, cpu_heads: int) -> None:
         """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
-        offloaded, step = self.heads - self.gpu_heads, self.group_heads
-        self.cpu_heads = min(cpu_heads, offloaded)
-        streamed = offloaded - self.cpu_heads
-        self.decode_groups = [slice(i, min(i + step, streamed)) for i in range(0, streamed, step)]
+        self.cpu_heads = min(cpu_heads, self.offloaded)
+        self.decode_groups = head_groups(self.offloaded - self.cpu_heads, self.group_heads)
 
     def allocate(self, batch: int) -> None:
         """Create the device and host stores for ``batch`` sequences, with room for the reserved positions."""

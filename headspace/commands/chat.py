@@ -9,13 +9,13 @@ import time
 from headspace.commands.common import (
     Progress,
     TokenStream,
+    add_chunk_option,
     add_mode_options,
     add_model_options,
     add_sampling_options,
     mode_options,
     note,
     open_document,
-    positive_int,
     read_prompt,
     resolve_device,
     resolve_dtype,
@@ -39,8 +39,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--load", metavar="DOC.hsc", help="a document saved by 'headspace prefill'")
     source.add_argument("--prompt-file", metavar="F", help="prefill the document in file F first")
     add_mode_options(parser, default=None)
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser)
     parser.add_argument("--chat", action="store_true",
                         help="with --prompt-file: the document opens the chat template's user turn")
     add_sampling_options(parser)

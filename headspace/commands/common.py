@@ -178,10 +178,17 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                         help="run past the model's max_position_embeddings instead of refusing")
 
 
+def add_chunk_option(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """``--chunk-size``, the prefill chunk; ``what`` says what else it sets, where it sets more."""
+    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
+                        help=f"prefill chunk in tokens{what} (default 4096 on cuda, 1024 on cpu)")
+
+
 def add_graph_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
                         help="replay decode steps from a CUDA graph: 'auto' (default) when every KV head is on the "
-                             "GPU, 'on' to insist (refused for a plan that offloads heads), 'off' to decode eagerly")
+                             "GPU at the model's precision, 'on' to insist (refused for a plan that offloads or "
+                             "quantizes heads), 'off' to decode eagerly")
 
 
 def cuda_graphs(args: argparse.Namespace) -> bool | str:

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from headspace.commands.common import (
+    add_chunk_option,
     add_model_options,
     context_size,
     csv,
@@ -56,8 +57,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="needle depths for niah_single, 0 = start (default 0.1,0.5,0.9)")
     parser.add_argument("--samples", type=positive_int, default=1, metavar="N", help="per cell (default 1)")
     parser.add_argument("--seed", type=int, default=0, metavar="S")
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser)
     parser.add_argument("--stabilizer", type=non_negative_int, metavar="N", help="budgeted modes (default 64)")
     parser.add_argument("--sink", type=non_negative_int, metavar="N", help="budgeted modes (default 4)")
     parser.add_argument("--heads", metavar="PATH", help="retaining heads for locret (default: the shipped file)")

@@ -10,6 +10,7 @@ from pathlib import Path
 from headspace.commands.common import (
     Progress,
     TokenStream,
+    add_chunk_option,
     add_graph_option,
     add_mode_options,
     add_model_options,
@@ -18,7 +19,6 @@ from headspace.commands.common import (
     mode_options,
     note,
     open_document,
-    positive_int,
     read_prompt,
     resolve_device,
     resolve_dtype,
@@ -43,8 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--load", metavar="DOC.hsc",
                         help="answer from this saved document (its model, mode and dtype unless given)")
     add_mode_options(parser, default=None)
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser)
     add_graph_option(parser)
     add_sampling_options(parser)
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

@@ -12,10 +12,10 @@ import dataclasses
 import sys
 
 from headspace.commands.common import (
+    add_chunk_option,
     add_model_options,
     add_placement_options,
     context_size,
-    positive_int,
     resolve_device,
     resolve_dtype,
     weight_count,
@@ -50,8 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_model_options(parser)
     parser.add_argument("--context", type=context_size, metavar="N",
                         help="a context length to plan for, in tokens: 4096, 32k, 1m (k = 1024, m = 1024^2)")
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens, which sets the working set (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser, ", which sets the working set")
     add_placement_options(parser)
     return parser
 

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from headspace.commands.common import (
     Progress,
+    add_chunk_option,
     add_mode_options,
     add_model_options,
     mode_options,
     moved,
     note,
-    positive_int,
     read_prompt,
     resolve_device,
     resolve_dtype,
@@ -35,8 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     source.add_argument("--prompt", metavar="TEXT", help="the document text")
     parser.add_argument("--save", required=True, metavar="DOC.hsc", help="where to write the cache")
     add_mode_options(parser)
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser)
     parser.add_argument("--chat", action="store_true",
                         help="open the chat template's user turn with the document; each question closes it")
     return parser

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from headspace.commands.common import (
+    add_chunk_option,
     add_mode_options,
     add_model_options,
     byte_size,
@@ -39,8 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "reuse its KV instead of prefilling it again.")
     add_model_options(parser)
     add_mode_options(parser)
-    parser.add_argument("--chunk-size", type=positive_int, metavar="N",
-                        help="prefill chunk in tokens (default 4096 on cuda, 1024 on cpu)")
+    add_chunk_option(parser)
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                             "only; 0.0.0.0 for every interface)")

@@ -42,7 +42,6 @@ from headspace.errors import HeadspaceError, argument_type
 from headspace.kv.cache import HeadspaceCache, OffloadOptions, kv_bytes, parse_gpu_heads
 from headspace.kv.layers import OffloadLayer
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
-from headspace.kv.quant.store import COMPILE
 from headspace.kv.split import copy_rate, host_attention_rate
 from headspace.kv.tiers import host_empty
 from headspace.models import default_device, default_dtype, random_model, weight_bytes
@@ -122,21 +121,20 @@ def decode_bound(resident_bytes: int, offloaded_bytes: int, ceilings: dict[str, 
 
 def read_per_step(cache, shape: ModelShape, dtype: torch.dtype,
                   precision: KVPrecision = EXACT_KV) -> tuple[int, int]:
-    """KV bytes a decode step moves: (in device memory, across PCIe from host RAM). A quantized tier's rows are
-    read, and dequantized into the staging buffer, which attention then reads: twice the exact bytes more in
-    device memory for every staged head (host ones too)."""
+    """KV bytes a decode step moves: (in device memory, across PCIe from host RAM). Decode attends a quantized
+    tier's rows as they are (resident, or staged after crossing PCIe): its small bytes are what it reads."""
     if not isinstance(cache, HeadspaceCache):
         return kv_bytes(cache)[0], 0
     row = shape.row_bytes(dtype.itemsize)
     gpu, host = (precision.scheme(tier) for tier in ("gpu", "host"))
-    resident_row = row if gpu.exact else gpu.bytes_per_token(shape.head_dim, 1) + 2 * row
+    resident_row = gpu.bytes_per_token(shape.head_dim, dtype.itemsize)
     host_row = host.bytes_per_token(shape.head_dim, dtype.itemsize)
     resident = offloaded = 0
     for layer in cache.layers:
         if isinstance(layer, OffloadLayer):
             resident += resident_row * layer.gpu_heads * layer.length
             offloaded += host_row * layer.offloaded * layer.length
-            resident += 0 if host.exact else (host_row + 2 * row) * layer.offloaded * layer.length
+            resident += 0 if host.exact else host_row * layer.offloaded * layer.length  # staged rows, read
         else:  # a sliding window
             resident += row * shape.kv_heads * min(layer.length, layer.window)
     return resident, offloaded
@@ -426,7 +424,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "cuda_graphs": args.cuda_graphs, "kv_dtype": args.kv_dtype, "compiled_dequant": COMPILE,
+            "cuda_graphs": args.cuda_graphs, "kv_dtype": args.kv_dtype,
             "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:

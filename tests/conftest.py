@@ -10,10 +10,27 @@ can fail.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+if not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    # Without a GPU, Triton kernels run in Triton's interpreter (numpy stands in for the GPU), so the tests run
+    # the kernels' own code. It is chosen when @triton.jit decorates: before anything imports triton.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    from triton.runtime import interpreter as _interpreter
+
+    _patch_tensor = _interpreter._patch_lang_tensor
+
+    def _scalars_as_numbers(tensor, scope):
+        # the interpreter keeps a scalar as a one-element array, which numpy >= 2.4 no longer turns into an int
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _scalars_as_numbers
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from headspace import Engine, Generation

@@ -182,7 +182,7 @@ def test_wrong_group_in_staging_is_detected(tiny_models, monkeypatch):
     _, ref = tiny_models.reference("llama")
     original = Staging.acquire
 
-    def acquire(self, host, heads, tokens, room, written):
+    def acquire(self, host, heads, tokens, room, written, **options):
         slot = original(self, host, heads, tokens, room, written)
         if heads.start == 1 and tokens > 0:  # pretend group 1's data is group 0's
             host.read(slice(0, 1), slot.keys, slot.values, tokens)

@@ -160,9 +160,9 @@ class Engine:
         self._make_room(request)
         cache = self.mode.make_cache(request)
         if self.cuda_graphs is True and not (isinstance(cache, HeadspaceCache) and cache.static_capable):
-            raise HeadspaceError(f"cuda_graphs=True needs every KV head on the GPU at the model's precision, but "
-                                 f"this plan offloads or quantizes some ({placement_of(cache)}); keep them resident "
-                                 f"and exact (gpu_heads, kv_dtype, a shorter context) or pass cuda_graphs='auto'")
+            raise HeadspaceError(f"cuda_graphs=True needs every KV head on the GPU, but this plan offloads some "
+                                 f"({placement_of(cache)}); keep them resident (gpu_heads, a shorter context, "
+                                 f"kv_dtype) or pass cuda_graphs='auto'")
         return cache
 
     def graph_decodes(self, cache: Cache) -> bool:

@@ -213,9 +213,9 @@ class HeadspaceCache(Cache):
         prefix = self.get_seq_length()
         if not self.static_capable or prefix == 0:
             raise HeadspaceError("the static form of decode needs every KV head on the device, after a prefill")
-        room = [layer.static_room(prefix + 1) - prefix for layer in self._offload_layers]
+        tail = min([tail, *(layer.static_slots(prefix, tail) for layer in self._offload_layers)])
         device = next(layer.device for layer in self.layers)
-        self.static = StaticDecode(device, prefix, min([tail, *room]))
+        self.static = StaticDecode(device, prefix, tail)
         for layer in self.layers:
             layer.begin_static(self.static)
         return self.static

@@ -5,8 +5,9 @@
   device (each layer its own count), the rest in host memory, streamed back head group by head
   group through the staging double buffer while attention runs; in decode, some offloaded heads
   are attended on the host CPU, where their KV lives, by a worker thread. Either tier may keep
-  its KV quantized (:mod:`headspace.kv.quant`): its heads are then dequantized into the staging
-  buffer a head group at a time (host rows cross PCIe in their small form first).
+  its KV quantized (:mod:`headspace.kv.quant`); host rows cross PCIe in their small form. Prefill
+  dequantizes them into the staging buffer a head group at a time; decode attends the rows as
+  they are (:func:`attend_rows`), so a quantized head costs its small bytes there too.
 
 Layers are told the phase (prefill or decode) by the cache; they never guess it from shapes.
 """
@@ -23,6 +24,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from headspace.attention.kernels import causal_attention, decode_lse, masked_decode_attention, split_decode_attention
 from headspace.errors import HeadspaceError
+from headspace.kv.quant.attend import merge_lse, quantized_decode_lse
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.store import PIECE, QuantizedKV
 from headspace.kv.static import StaticDecode
@@ -202,6 +204,7 @@ class OffloadLayer(HeadspaceLayer):
         self.resident_written: torch.cuda.Event | None = None  # quantized resident rows, written on the device
         self.reserved = 0
         self._static_storage: int | None = None  # the resident storage a static form of decode began with
+        self._static_tail: StaticTail | None = None  # quantized resident heads: the static form's own tail
 
     def set_cpu_heads(self, cpu_heads: int) -> None:
         """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
@@ -279,13 +282,15 @@ class OffloadLayer(HeadspaceLayer):
             values.record_stream(d2h)
         self.settled, self.written = self.written, self.transfers.mark(d2h)
 
-    def flush(self) -> None:
+    def flush(self, phase: Phase = Phase.PREFILL) -> None:
         """The stored positions are attended: quantize the whole groups of quantized tiers beyond their residual
-        windows (on the device) and store them as rows, host rows copied out on the device-to-host stream."""
-        if isinstance(self.resident, QuantizedKV) and (rows := self.resident.take_groups()) is not None:
+        windows (on the device; in decode, in batches: :meth:`QuantizedKV.take_groups`) and store them as rows,
+        host rows copied out on the device-to-host stream."""
+        decoding = phase is Phase.DECODE
+        if isinstance(self.resident, QuantizedKV) and (rows := self.resident.take_groups(decoding)) is not None:
             self.resident.rows.append(*rows)
             self.resident_written = self.transfers.mark()
-        if isinstance(self.host, QuantizedKV) and (rows := self.host.take_groups()) is not None:
+        if isinstance(self.host, QuantizedKV) and (rows := self.host.take_groups(decoding)) is not None:
             self._write_host(self.host.rows, *rows)
         self.pending = None
 
@@ -295,11 +300,13 @@ class OffloadLayer(HeadspaceLayer):
         return self.heads - self.gpu_heads
 
     def streamed(self, phase: Phase) -> list[Group]:
-        """The head groups attended through the staging buffer in ``phase``: quantized resident heads, then the
-        offloaded heads copied to the device (decode leaves out the host-attended)."""
-        offloaded = self.decode_groups if phase is Phase.DECODE else self.groups
+        """The head groups attended through the staging buffer in ``phase``: in prefill, quantized resident heads
+        (dequantized there), then the offloaded heads copied to the device; decode leaves out the host-attended
+        heads, and quantized resident heads, which it attends in their rows where they are."""
+        if phase is Phase.DECODE:
+            return [Group(self.host, heads, self.gpu_heads + heads.start) for heads in self.decode_groups]
         return ([Group(self.resident, heads, heads.start) for heads in self.resident_groups]
-                + [Group(self.host, heads, self.gpu_heads + heads.start) for heads in offloaded])
+                + [Group(self.host, heads, self.gpu_heads + heads.start) for heads in self.groups])
 
     def _fetched(self, store: HostKV | QuantizedKV, new: int) -> int:
         """Positions of ``store`` staged from the store itself, before ``new`` positions were stored; the rest
@@ -312,11 +319,14 @@ class OffloadLayer(HeadspaceLayer):
             return self.resident_written
         return self.settled if new and not isinstance(store, QuantizedKV) else self.written
 
-    def _stage(self, staging: Staging, group: Group, new: int, room: int, slot_index: int | None = None):
-        """Fetch ``group`` into staging slot ``slot_index`` (prefetching), or acquire the slot holding it (None)."""
+    def _stage(self, staging: Staging, group: Group, new: int, room: int, slot_index: int | None = None,
+               phase: Phase = Phase.PREFILL):
+        """Fetch ``group`` into staging slot ``slot_index`` (prefetching), or acquire the slot holding it (None):
+        in decode, quantized rows as they are (:func:`attend_rows`)."""
         tokens, written = self._fetched(group.store, new), self._written(group.store, new)
         if slot_index is None:
-            return staging.acquire(group.store, group.heads, tokens, room, written)
+            return staging.acquire(group.store, group.heads, tokens, room, written,
+                                   dequantize=phase is not Phase.DECODE)
         staging.fetch(group.store, group.heads, tokens, room, written, slot_index)
         return None
 
@@ -332,33 +342,41 @@ class OffloadLayer(HeadspaceLayer):
         ratio = q_heads // self.heads
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
         g = self.gpu_heads
+        decoding = phase is Phase.DECODE
         if isinstance(self.resident, DeviceKV):
             keys, values = self.resident.view()
             out[:, : g * ratio] = causal_attention(query[:, : g * ratio], keys, values, scaling)
+        elif decoding and self.resident is not None:
+            out[:, : g * ratio] = attend_rows(query[:, : g * ratio], self.resident, slice(0, g),
+                                              self.resident.rows.view(), scaling)
         groups = self.streamed(phase)
         # decode: the host-attended heads start on a worker thread as soon as the query reaches the host,
         # while this thread issues the streamed groups
-        decoding = phase is Phase.DECODE
         host_job = self._start_host_attention(query, ratio, scaling) if decoding and self.cpu_heads else None
         total = self.length
         for index, group in enumerate(groups):
-            slot = self._stage(staging, group, chunk, total)
+            slot = self._stage(staging, group, chunk, total, phase=phase)
             if index + 1 < len(groups):
                 self._stage(staging, groups[index + 1], chunk, total, staging.other)
             elif after is not None:
                 after.fetch_first(staging, total, phase)
             heads, start = group.heads, self._fetched(group.store, chunk)
             width = heads.stop - heads.start
+            q = slice(group.first * ratio, (group.first + width) * ratio)
+            if decoding and isinstance(group.store, QuantizedKV):
+                rows = (part[:, :width, :start] for part in slot.rows)
+                out[:, q] = attend_rows(query[:, q], group.store, heads, tuple(rows), scaling)
+                staging.release(slot)
+                continue
             keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
             tail_keys, tail_values = group.store.recent if isinstance(group.store, QuantizedKV) else self.pending
             keys[:, :, start:] = tail_keys[:, heads]
             values[:, :, start:] = tail_values[:, heads]
-            q = slice(group.first * ratio, (group.first + width) * ratio)
             out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
         if host_job is not None:
             out[:, (self.heads - self.cpu_heads) * ratio :] = host_job.result().to(out.device, non_blocking=True)
-        self.flush()
+        self.flush(phase)
         return out
 
     def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float) -> Future:
@@ -391,38 +409,62 @@ class OffloadLayer(HeadspaceLayer):
             spans = HostRows(self.host.scheme, spans, recent, self.head_dim, self.dtype)
         return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
 
-    # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots
+    # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots.
+    # Exact heads keep the tail in their own storage; quantized heads in a buffer of their own (:class:`StaticTail`),
+    # each token also appended to their recent positions after the step, so between steps the store is as usual.
     @property
     def static_capable(self) -> bool:
-        return self.offloaded == 0 and isinstance(self.resident, DeviceKV)  # quantized heads go through staging
+        return self.offloaded == 0 and self.resident is not None
 
-    def static_room(self, tokens: int) -> int:
-        """Room for at least ``tokens`` positions on the device (grown as an append would); the room there is."""
-        if self.resident.capacity < tokens:
-            self.resident.reserve(max(tokens, self.resident.capacity * 3 // 2))
-        return self.resident.capacity
+    def static_slots(self, prefix: int, tail: int) -> int:
+        """Tail slots this layer can give after ``prefix`` positions (at least one, at most ``tail``): exact heads
+        grow their storage as an append would; quantized heads take a buffer of their own, for as many steps as
+        eager decode would run before it quantizes (so that both compute the same)."""
+        store = self.resident
+        if isinstance(store, QuantizedKV):
+            self.flush(Phase.DECODE)  # what the eager step before would have quantized (a static step does not)
+            return min(tail, store.static_steps())
+        if store.capacity < prefix + 1:
+            store.reserve(max(prefix + 1, store.capacity * 3 // 2))
+        return min(tail, store.capacity - prefix)
 
     def begin_static(self, static: StaticDecode) -> None:
-        """The tail fits: the cache sized it to the room :meth:`static_room` made."""
+        """The tail fits: the cache sized it to the slots :meth:`static_slots` gave."""
+        if isinstance(self.resident, QuantizedKV):
+            self._static_tail = StaticTail(self.resident, static.tail)
+            return
         self.resident.clear(static.prefix, static.prefix + static.tail)
         self._static_storage = self.resident.storage
 
     def static_covers(self, static: StaticDecode) -> bool:
-        return (self._static_storage == self.resident.storage
-                and static.prefix <= self.length < static.prefix + static.tail)
+        if not static.prefix <= self.length < static.prefix + static.tail:
+            return False
+        if isinstance(self.resident, QuantizedKV):
+            return self._static_tail is not None and self._static_tail.covers(self.length - static.prefix)
+        return self._static_storage == self.resident.storage
 
     def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
-        self.resident.write_at(static.slot(0), key_states, value_states)
+        if isinstance(self.resident, QuantizedKV):
+            self._static_tail.slots.write_at(static.slot(static.prefix), key_states, value_states)
+        else:
+            self.resident.write_at(static.slot(0), key_states, value_states)
 
     def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
         folded = fold(query, self.heads)
-        prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
-        keys, values = self.resident.slots(static.prefix, static.prefix + static.tail)
+        if isinstance(self.resident, QuantizedKV):
+            prefix = self._static_tail.prefix_lse(folded, scaling)
+            keys, values = self._static_tail.slots.slots(0, static.tail)
+        else:
+            prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
+            keys, values = self.resident.slots(static.prefix, static.prefix + static.tail)
         out = masked_decode_attention(folded, keys, values, scaling, static.tail_mask(), prefix)
         return out.reshape(query.shape)
 
     def advance_static(self) -> None:
-        self.resident.extend(1)
+        if isinstance(self.resident, QuantizedKV):
+            self._static_tail.advance()
+        else:
+            self.resident.extend(1)
         self.length += 1
 
     @property
@@ -433,6 +475,59 @@ class OffloadLayer(HeadspaceLayer):
     @property
     def host_bytes(self) -> int:
         return self.host.nbytes if self.host is not None else 0
+
+
+class StaticTail:
+    """The static form of decode over quantized resident heads: the rows and full-precision recent positions
+    stored when it began (the prefix, fixed: nothing is quantized during it), and a buffer of tail slots that
+    the replayed steps write. Each step's token also joins the store's recent positions after the step
+    (:meth:`advance`), so between steps the store holds every position as usual."""
+
+    def __init__(self, store: QuantizedKV, tail: int):
+        self.store, self.rows = store, store.rows.view()
+        self.recent = store.recent
+        self.storage, self.quantized = store.rows.storage, store.quantized
+        self.written, self.latest = 0, store.recent[0]  # what the store's recent keys are after our last step
+        batch, heads, dim = store.shape
+        self.slots = DeviceKV(batch, heads, dim, store.dtype, store.device)
+        self.slots.reserve(tail)
+        self.slots.clear(0, tail)
+
+    def covers(self, written: int) -> bool:
+        """Whether the store is as this form left it after ``written`` steps: nothing was stored, quantized or
+        rolled back since (any of them replaces the recent tensors)."""
+        store = self.store
+        return (self.written == written and store.recent[0] is self.latest and store.rows.storage == self.storage
+                and store.quantized == self.quantized)
+
+    def prefix_lse(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the folded ``query`` over the prefix, with its log-sum-exp: the rows in their small form and
+        the recent positions as they were."""
+        parts = []
+        if self.quantized:
+            parts.append(quantized_decode_lse(query, *self.rows, self.store.scheme, scaling))
+        if self.recent[0].shape[2]:
+            parts.append(decode_lse(query, *self.recent, scaling))
+        return merge_lse(parts) if len(parts) > 1 else parts[0]
+
+    def advance(self) -> None:
+        """The step wrote its token in slot :attr:`written`: the store's recent positions take it too."""
+        self.store.append(*self.slots.slots(self.written, self.written + 1))
+        self.written, self.latest = self.written + 1, self.store.recent[0]
+
+
+def attend_rows(query: torch.Tensor, store: QuantizedKV, heads: slice, rows: tuple[torch.Tensor, torch.Tensor],
+                scaling: float) -> torch.Tensor:
+    """Decode attention of ``query`` (B, len(heads) * R, 1, D) over ``heads`` of a quantized ``store``: its rows
+    ``rows`` (on the device: resident, or staged) read in their small form, and its full-precision recent
+    positions, merged by their log-sum-exp."""
+    folded = fold(query, heads.stop - heads.start)
+    recent_keys, recent_values = store.recent
+    parts = [decode_lse(folded, recent_keys[:, heads], recent_values[:, heads], scaling)]
+    if rows[0].shape[2]:
+        parts.append(quantized_decode_lse(folded, *rows, store.scheme, scaling))
+    out = merge_lse(parts)[0] if len(parts) > 1 else parts[0][0]
+    return out.reshape(query.shape)
 
 
 class HostRows:

@@ -122,8 +122,10 @@ class Staging:
         return slot.rows
 
     def acquire(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
-                written: torch.cuda.Event | None) -> Slot:
-        """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``."""
+                written: torch.cuda.Event | None, dequantize: bool = True) -> Slot:
+        """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``.
+        Quantized rows are dequantized into the slot's keys and values unless ``dequantize`` is False (decode
+        attends host rows in :attr:`Slot.rows` as they are)."""
         tag = (id(host), heads.start, heads.stop, tokens)
         index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
         if index is None:
@@ -132,6 +134,8 @@ class Staging:
         self.current = index
         slot = self.slots[index]
         self.transfers.wait(slot.ready)
+        if not dequantize and slot.quantized is not None:
+            return slot
         if slot.keys.shape[2] < room:  # prefetched before the chunk size was known
             keys, values = slot.keys, slot.values
             slot.keys = torch.empty(*keys.shape[:2], room, keys.shape[3], device=self.device, dtype=self.dtype)

@@ -19,6 +19,7 @@ import torch
 from headspace.errors import HeadspaceError
 from headspace.kv.cache import OffloadOptions, describe_heads
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
+from headspace.kv.quant.store import DECODE_BATCH
 from headspace.shape import ModelShape
 
 STAGING_BUDGET = 2**30  # the most bytes an automatic group size lets the double buffer take
@@ -158,7 +159,7 @@ def plan(shape: ModelShape, tokens: int, dtype: torch.dtype, mode: str = "offloa
     row, dim = shape.row_bytes(dtype.itemsize), shape.head_dim
     resident_row, host_row = gpu.bytes_per_token(dim, dtype.itemsize), host.bytes_per_token(dim, dtype.itemsize)
     quantized_heads = sum(counts) * (not gpu.exact) + (shape.kv_heads * len(counts) - sum(counts)) * (not host.exact)
-    recent = quantized_heads * row * max(gpu.residual + gpu.group, host.residual + host.group)
+    recent = quantized_heads * row * max(gpu.residual + DECODE_BATCH, host.residual + DECODE_BATCH)
     return Placement(tokens, counts, group, shape.kv_heads, row, shape.layers - shape.full_layers,
                      window_bytes(shape, tokens, dtype, chunk_size), resident_row * shape.kv_heads * shape.layers,
                      precision, resident_row, host_row, staging_row_bytes(shape, dtype, precision), recent)

@@ -9,17 +9,13 @@ host) the whole groups beyond the scheme's residual window. The rows only ever g
 so a staging slot fetched before the layer's update still holds exactly the rows the
 attention reads.
 
-Dequantizing is a chain of elementwise torch operations, each a pass over memory. With
-``HEADSPACE_COMPILE_DEQUANT=1`` in the environment, device reads run it through
-``torch.compile`` instead (one fused kernel per scheme, Triton on a GPU; compiled once,
-for any length), which the bench can compare with the eager chain.
+Prefill dequantizes rows (a chain of elementwise torch operations) into the staging buffer,
+a head group at a time: its attention is compute-bound, so the passes over memory cost
+little there. Decode, which is bound by the bytes it reads, attends the rows as they are
+(:mod:`headspace.kv.quant.attend`).
 """
 
 from __future__ import annotations
-
-import functools
-import os
-from collections.abc import Callable
 
 import torch
 
@@ -27,13 +23,7 @@ from headspace.kv.quant.schemes import Scheme
 from headspace.kv.tiers import DeviceKV, HostKV
 
 PIECE = 65536  # tokens dequantized at once: bounds the float32 temporaries at long contexts
-COMPILE = os.environ.get("HEADSPACE_COMPILE_DEQUANT") == "1"
-
-
-@functools.cache
-def compiled(scheme: Scheme) -> Callable[..., torch.Tensor]:
-    """``scheme.dequantize`` compiled once for every shape (``HEADSPACE_COMPILE_DEQUANT=1``)."""
-    return torch.compile(scheme.dequantize, dynamic=True)
+DECODE_BATCH = 256  # decode quantizes once this many positions beyond the residual window have gathered
 
 
 class QuantizedKV:
@@ -68,14 +58,19 @@ class QuantizedKV:
         """New positions, kept in full precision until :meth:`take_groups`."""
         self.recent = (torch.cat([self.recent[0], keys], dim=2), torch.cat([self.recent[1], values], dim=2))
 
-    def take_groups(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take_groups(self, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The rows of the whole groups of recent positions beyond the residual window, quantized here and
-        taken out of :attr:`recent`; the caller stores them in :attr:`rows` (None: no group is complete)."""
+        taken out of :attr:`recent`; the caller stores them in :attr:`rows` (None: none to take).
+
+        While ``decoding``, only once :data:`DECODE_BATCH` positions beyond the window have gathered: a
+        step then quantizes nothing most of the time, and the static form of decode (which quantizes
+        nothing) can run that many steps and still compute what eager steps compute."""
         keys, values = self.recent
         group = self.scheme.group
-        count = (keys.shape[2] - self.scheme.residual) // group * group
-        if count <= 0:
+        beyond = keys.shape[2] - self.scheme.residual
+        if beyond < max(DECODE_BATCH if decoding else 0, group):
             return None
+        count = beyond // group * group
         rows = (self.scheme.quantize(keys[:, :, :count], keys=True),
                 self.scheme.quantize(values[:, :, :count], keys=False))
         self.recent = (keys[:, :, count:].clone(), values[:, :, count:].clone())
@@ -92,12 +87,16 @@ class QuantizedKV:
         else:
             row_keys, row_values = (part[:, heads] for part in self.rows.view())
         dim = self.shape[2]
-        dequantize = compiled(self.scheme) if COMPILE else self.scheme.dequantize
+        dequantize = self.scheme.dequantize
         step = max(PIECE // self.scheme.group, 1) * self.scheme.group
         for start in range(0, tokens, step):
             stop = min(start + step, tokens)
             keys[:, :, start:stop] = dequantize(row_keys[:, :, start:stop], True, dim, keys.dtype)
             values[:, :, start:stop] = dequantize(row_values[:, :, start:stop], False, dim, values.dtype)
+
+    def static_steps(self) -> int:
+        """Decode steps that quantize nothing from now on (after a decode flush: at least one)."""
+        return self.scheme.residual + max(DECODE_BATCH, self.scheme.group) - self.recent[0].shape[2]
 
     def truncate(self, tokens: int, recent: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Go back to ``tokens`` rows and the full-precision positions ``recent`` after them (a snapshot's)."""

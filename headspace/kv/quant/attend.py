@@ -1,0 +1,68 @@
+"""Decode attention over quantized rows, without dequantizing them into memory first.
+
+Decode reads every stored key and value once per token, so its speed is the bytes it
+moves. Dequantizing rows into a bfloat16 buffer and attending that reads the small
+rows, writes the large form and reads it again: more traffic than attending bfloat16
+KV in the first place. :func:`quantized_decode_lse` instead reads the rows once and
+dequantizes them in registers, inside a Triton kernel on a GPU (flash-decoding: the
+keys are cut into splits that run in parallel, each with an online softmax, merged
+by their log-sum-exp). Anywhere else (a CPU, or a GPU without Triton) it dequantizes
+a piece at a time and attends with :func:`~headspace.attention.kernels.decode_lse`:
+the reference the kernel is tested against, the Triton interpreter running the
+kernel's own code on the CPU.
+
+The kernel knows the row layouts of :mod:`headspace.kv.quant.schemes` byte for byte:
+a per-token row is ``head_dim`` codes then a float16 scale; a KIVI key group is 32
+tokens' packed codes then per-channel float16 scales and zero points; a KIVI value row
+is its packed codes then per-channel-group scales and zero points. Low bits first
+within a byte, as :meth:`~headspace.kv.quant.schemes.Grouped._pack` writes them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from headspace.attention.kernels import accumulation, decode_lse
+from headspace.kv.quant.schemes import Scheme
+from headspace.kv.quant.store import PIECE
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def merge_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of key sets from the attention over each, ``(out, lse)`` pairs of the same
+    queries (out (..., D), lse (...) float32): the softmax weights of each part are its share of the total."""
+    lse = torch.stack([part[1] for part in parts]).float()
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total)  # a part with no keys (lse -inf) weighs 0
+    out = sum(w[..., None] * part[0].float() for w, part in zip(weights, parts, strict=True))
+    return out.to(parts[0][0].dtype), total
+
+
+def quantized_decode_lse(query: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, scheme: Scheme,
+                         scaling: float, kernel: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of ``query`` (B, Hk, R, D), the R query heads of each KV head folded, over the keys and
+    values stored as ``scheme`` rows (B, Hk, N, width) (tokens contiguous within a head); N >= 1. Returns the
+    output (B, Hk, R, D) in the query's dtype and the log-sum-exp (B, Hk, R) in float32 or above.
+
+    ``kernel``: run the Triton kernel (default: on a GPU in half precision when Triton is installed).
+    """
+    if kernel is None:  # float32 would meet tensor cores as tf32: the portable path keeps it exact
+        kernel = query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and triton_available()
+    if kernel:
+        from headspace.kv.quant import triton_decode  # Triton is imported only where it runs
+
+        return triton_decode.attend(query, key_rows, value_rows, scheme, scaling)
+    dim = query.shape[-1]
+    step = max(PIECE // scheme.group, 1) * scheme.group
+    parts = []
+    for start in range(0, key_rows.shape[2], step):
+        keys = scheme.dequantize(key_rows[:, :, start : start + step], True, dim, query.dtype)
+        values = scheme.dequantize(value_rows[:, :, start : start + step], False, dim, query.dtype)
+        parts.append(decode_lse(query, keys, values, scaling))
+    out, lse = parts[0] if len(parts) == 1 else merge_lse(parts)
+    return out, lse.to(accumulation(query.dtype))

@@ -25,8 +25,8 @@ from there (peak memory is then the prompt, not budget + chunk: :func:`held_toke
 which the layer reserves up front and the mode's footprint counts).
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
-(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), and for
-``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
+(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below), and
+for ``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
 SnapKV's ``window`` and ``kernel``) configure the policy. A prompt too short to need
 eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
 
@@ -36,7 +36,7 @@ it. What attention covers there:
 * prefill: **everything** - each chunk attends over the device-resident budget plus
   every token evicted to the host (streamed back head group by head group through
   the staging buffers), so the prompt's hidden states, and the logits of the first
-  generated token, are exactly those of ``full``;
+  generated token, are exactly those of ``full`` (with both tiers exact);
 * decode (``decode="budget"``, the default): the device-resident budget only, so a
   decode step moves nothing over PCIe; tokens evicted during decode go to the host
   too. With ``decode="exact"`` decode also attends over the host tokens, and the
@@ -379,7 +379,7 @@ def budget_cache(
     """A cache keeping a budget of tokens per KV head of each full-attention layer, chosen by ``policy``.
 
     ``options`` are :class:`BudgetOptions` fields (``budget`` or ``compression``, ``stabilizer``,
-    ``sink``; with ``offload``, :class:`OffloadBudgetOptions`' ``decode``) and, when ``policy``
+    ``sink``, ``kv_dtype``; with ``offload``, :class:`OffloadBudgetOptions`' ``decode``) and, when ``policy``
     is a name, the policy's own fields. ``prompt_tokens`` resolves ``compression``.
     ``offload=True`` keeps evicted tokens in host memory (the ``offload+locret`` semantics in
     the module docstring), streamed back ``group_heads`` at a time; host memory grows in

@@ -169,11 +169,13 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                         help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU "
                              "beside the streamed ones; 'auto' times the first decode steps to find the fastest split")
     parser.add_argument("--kv-dtype", type=argument_type(kv_dtype), metavar="P|host=P|gpu=P,host=P",
-                        help=f"offload mode: the precision KV is stored in, for both tiers (int4) or per tier "
-                             f"(host=int4: offloaded heads only; gpu=fp8,host=int4), P one of {choices()}; default "
-                             f"bf16, exact. fp8 and int8 keep one scale per token and head; int4 and int2 are "
-                             f"KIVI's grouped scheme with the newest tokens in full precision. offload+locret takes "
-                             f"host=P for the tokens it evicts to host RAM")
+                        help=f"offload and eviction modes: the precision KV is stored in, for both tiers (int4) or "
+                             f"per tier (host=int4: offloaded heads only; gpu=fp8,host=int4), P one of {choices()}; "
+                             f"default bf16, exact. fp8 and int8 keep one scale per token and head; int4 and int2 are "
+                             f"KIVI's grouped scheme with the newest tokens in full precision. Eviction modes keep "
+                             f"their budget on the GPU in fp8 or int8 (int4 and int2 are refused there: eviction drops "
+                             f"single tokens); offload+locret takes host=P for the tokens it evicts to host RAM "
+                             f"(gpu=fp8,host=int4 for both)")
     parser.add_argument("--allow-beyond-positions", action="store_true",
                         help="run past the model's max_position_embeddings instead of refusing")
 

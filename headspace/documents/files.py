@@ -559,7 +559,7 @@ class DocumentFile:
         if record["budget"] != layer.settings.budget:
             raise self._layout(f"its budget is {record['budget']} tokens per head, this engine's "
                                f"{layer.settings.budget}")
-        entries = self._pair(prefix, device, dtype, layer.store.append)
+        entries = self._pair(prefix, device, layer.store.dtype, layer.store.append)  # rows, if quantized
         entries += [self._whole(prefix + "positions", device, lambda t: setattr(layer, "positions", t)),
                     self._whole(prefix + "scores", device, lambda t: setattr(layer, "scores", t))]
         if record["host"]:

@@ -14,10 +14,10 @@ layer keeps in the snapshot, taken right after the document, and how it goes bac
   only shorten too; its newest positions, in full precision, are copied (a few dozen per head).
   Rows cannot be cut: a quantized layer is cut no shorter than the positions it has quantized.
 * :class:`~headspace.eviction.budget.BudgetLayer` (eviction modes): a copy of its device store
-  (the budget), positions and scores, and the length of its host tier (``offload+locret``, append-
-  only too), plus the eviction policy's state (random eviction's generator). Copying the budget
-  back gives the question exactly the state the document left, so its answer equals a fresh run
-  with the same document-time evictions.
+  (the budget, as rows when it is quantized), positions and scores, and the length of its host
+  tier (``offload+locret``, append-only too), plus the eviction policy's state (random eviction's
+  generator). Copying the budget back gives the question exactly the state the document left, so
+  its answer equals a fresh run with the same document-time evictions.
 
 Exact layers can also be cut to a shorter prefix of the document (:func:`crop`), down to
 :func:`floor`: any length for full-attention layers, while a sliding-window layer still holds the

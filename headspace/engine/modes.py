@@ -26,7 +26,16 @@ from headspace.eviction.budget import budget_cache, held_tokens, split_options
 from headspace.eviction.policies import POLICIES, make_policy
 from headspace.kv.cache import OffloadOptions, offload_cache
 from headspace.models import weight_bytes
-from headspace.placement import Placement, auto_group_heads, check_full, check_host_ram, place, plan, probe
+from headspace.placement import (
+    Placement,
+    auto_group_heads,
+    budget_bytes,
+    check_full,
+    check_host_ram,
+    place,
+    plan,
+    probe,
+)
 from headspace.shape import ModelShape
 
 
@@ -177,7 +186,8 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
     def footprint(request: CacheRequest) -> tuple[int, int]:
         budget = request.options[0].resolve(request.prompt_tokens or request.tokens)
         held = held_tokens(request.options[1], budget, request.chunk_size, request.prompt_tokens)
-        device = plan(request.shape, held, request.dtype, "full").device_kv_bytes  # reserved even for a short prompt
+        device = budget_bytes(request.shape, held, request.dtype, request.chunk_size,  # reserved for a short prompt too
+                              request.options[0].precision)
         return device, host_plan(request)[1].host_kv_bytes if offload else 0
 
     def make_cache(request: CacheRequest) -> Cache:

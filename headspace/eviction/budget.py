@@ -25,8 +25,8 @@ from there (peak memory is then the prompt, not budget + chunk: :func:`held_toke
 which the layer reserves up front and the mode's footprint counts).
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
-(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), and for
-``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
+(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below), and
+for ``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
 SnapKV's ``window`` and ``kernel``) configure the policy. A prompt too short to need
 eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
 
@@ -36,21 +36,29 @@ it. What attention covers there:
 * prefill: **everything** - each chunk attends over the device-resident budget plus
   every token evicted to the host (streamed back head group by head group through
   the staging buffers), so the prompt's hidden states, and the logits of the first
-  generated token, are exactly those of ``full``;
+  generated token, are exactly those of ``full`` (with both tiers exact);
 * decode (``decode="budget"``, the default): the device-resident budget only, so a
   decode step moves nothing over PCIe; tokens evicted during decode go to the host
   too. With ``decode="exact"`` decode also attends over the host tokens, and the
   mode computes exactly what ``full`` (and ``offload``) compute.
 
-With ``kv_dtype="host=int4"`` (or another precision for the host tier) the evicted tokens are
-stored quantized (:mod:`headspace.kv.quant`): their whole groups as rows in host RAM, the newest
-ones in full precision on the device; the budget on the device stays exact.
+``kv_dtype`` (:mod:`headspace.kv.quant`) stores KV in fewer bits. The budget on the device (the gpu
+tier: ``kv_dtype="fp8"`` or ``"int8"``) is kept as rows of one scale per token and head: eviction drops
+single tokens per head, and such a row is whole on its own, so keeping tokens gathers rows exactly as it
+gathers exact KV. KIVI's ``int4``/``int2`` quantize keys per channel over groups of 32 tokens, which
+eviction would tear apart: refused on the device. A chunk is quantized as it is stored, but the layer
+attends it (and the policy scores it) as computed; the tokens stored before it are dequantized, a layer at
+a time, into one working copy that attention, the policy's scores and the tokens evicted to the host all
+read: what the policy scores is what attention saw. With ``offload+locret`` the evicted tokens take the
+host tier's precision (``kv_dtype="host=int4"``, ``"gpu=fp8,host=int4"``): their whole groups as rows in
+host RAM, the newest ones in full precision on the device.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -60,8 +68,7 @@ from headspace.errors import HeadspaceError
 from headspace.eviction.policies import POLICIES, Policy, ScoreInputs, make_policy, policy_fields
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import HeadspaceLayer, Phase, WindowLayer, head_groups
-from headspace.kv.quant.precision import EXACT_KV, KVPrecision
-from headspace.kv.quant.schemes import Scheme
+from headspace.kv.quant.precision import EXACT, EXACT_KV, KVPrecision
 from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
@@ -72,12 +79,15 @@ DECODE_ROOM = 16  # device slots beyond the budget kept for decode, once the pre
 
 @dataclass(frozen=True)
 class BudgetOptions:
-    """How many tokens a budgeted layer keeps per KV head, and which it always keeps."""
+    """How many tokens a budgeted layer keeps per KV head, which it always keeps, and their precision."""
 
     budget: int | None = None  # tokens per KV head; or
     compression: float | None = None  # prompt tokens / budget (default 4 when neither is given)
     stabilizer: int = 64  # the newest tokens, always kept
     sink: int = 4  # the first tokens, always kept
+    kv_dtype: str = "bf16"  # the budget's precision on the device: "fp8" or "int8" (one scale per token)
+
+    host_tier: ClassVar[bool] = False  # whether evicted tokens are kept (in host RAM), at the host precision
 
     def __post_init__(self) -> None:
         if self.budget is not None and self.compression is not None:
@@ -93,6 +103,21 @@ class BudgetOptions:
             raise HeadspaceError(
                 f"budget {self.budget} is smaller than the stabilizer window ({self.stabilizer}) plus sinks "
                 f"({self.sink}) that are always kept; raise the budget or shrink stabilizer/sink")
+        precision = KVPrecision.parse(self.kv_dtype)
+        if precision.scheme("gpu").group != 1:
+            raise HeadspaceError(
+                f"kv_dtype '{self.kv_dtype}': eviction keeps the budget on the device exact (bf16) or one scale "
+                f"per token (fp8, int8), as it drops single tokens and {precision.gpu} quantizes keys over "
+                f"groups of tokens; {precision.gpu} fits the host tier of offload+locret (kv_dtype=host="
+                f"{precision.gpu} or gpu=fp8,host={precision.gpu})")
+        if not self.host_tier and precision.host not in (EXACT, precision.gpu):
+            raise HeadspaceError(f"kv_dtype '{self.kv_dtype}': this mode keeps no host tier (offload+locret does); "
+                                 f"give the budget's precision on the device: fp8, int8 or bf16")
+        object.__setattr__(self, "kv_dtype", str(precision))
+
+    @property
+    def precision(self) -> KVPrecision:
+        return KVPrecision.parse(self.kv_dtype)
 
     def resolve(self, prompt_tokens: int | None) -> int:
         """Tokens per KV head for a prompt of ``prompt_tokens``: ``budget`` as given, or
@@ -109,11 +134,13 @@ class BudgetOptions:
 
 @dataclass(frozen=True)
 class OffloadBudgetOptions(BudgetOptions):
-    """``offload+locret``: evicted tokens go to host RAM; ``decode`` attends the budget or everything."""
+    """``offload+locret``: evicted tokens go to host RAM (at ``kv_dtype``'s host precision: ``host=int4``);
+    ``decode`` attends the budget or everything."""
 
     decode: str = "budget"  # "budget": the device-resident tokens only; "exact": host tokens too
     group_heads: int | None = None  # heads streamed back per step in prefill (None: automatic)
-    kv_dtype: str = "bf16"  # the evicted tokens' precision in host RAM: "host=int4" (the budget stays exact)
+
+    host_tier: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -121,15 +148,6 @@ class OffloadBudgetOptions(BudgetOptions):
             raise HeadspaceError(f"decode must be 'budget' or 'exact', got '{self.decode}'")
         if self.group_heads is not None and self.group_heads < 1:
             raise HeadspaceError(f"group_heads must be at least 1, got {self.group_heads}")
-        precision = KVPrecision.parse(self.kv_dtype)
-        if not precision.scheme("gpu").exact:
-            raise HeadspaceError(f"offload+locret keeps its budget on the device exact; only the evicted tokens in "
-                                 f"host RAM can be quantized: give kv_dtype=host=<precision>, not '{self.kv_dtype}'")
-        object.__setattr__(self, "kv_dtype", str(precision))
-
-    @property
-    def precision(self) -> KVPrecision:
-        return KVPrecision.parse(self.kv_dtype)
 
 
 @dataclass
@@ -176,18 +194,22 @@ class BudgetLayer(HeadspaceLayer):
     Per stored token it keeps the position (``positions``, ``(B, Hk, n)``) and the
     policy's score (``scores``). With ``host`` (``offload+locret``), evicted tokens
     are written to a :class:`~headspace.tiers.HostKV` instead of being dropped.
+    ``precision`` says how ``store`` (the budget) and ``host`` keep them: a quantized
+    device tier stores rows of bytes, and the newest chunk waits in ``chunk``, as
+    computed, until the layer has attended it.
     """
 
     def __init__(self, index: int, policy: Policy, settings: BudgetSettings, chunk_size: int,
                  transfers: Transfers | None = None, group_heads: int = 1, block_tokens: int = 1024,
-                 host_scheme: Scheme | None = None):
+                 precision: KVPrecision = EXACT_KV):
         super().__init__()
         self.index, self.policy, self.settings = index, policy, settings
         self.budget = settings.budget_of(index)
         self.chunk_size = chunk_size
         self.transfers, self.group_heads, self.block_tokens = transfers, group_heads, block_tokens
-        self.host_scheme = host_scheme  # None or exact: evicted tokens kept as computed
+        self.scheme, self.host_scheme = precision.scheme("gpu"), precision.scheme("host")
         self.store: DeviceKV | None = None
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # the newest keys and values, as computed
         self.host: HostKV | QuantizedKV | None = None
         self.host_positions: list[torch.Tensor] = []
         self.positions = self.scores = None
@@ -196,14 +218,17 @@ class BudgetLayer(HeadspaceLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         batch, heads, _, dim = key_states.shape
-        self.heads = heads
-        self.store = DeviceKV(batch, heads, dim, self.dtype, self.device)
+        self.heads, self.head_dim = heads, dim
+        if self.scheme.exact:
+            self.store = DeviceKV(batch, heads, dim, self.dtype, self.device)
+        else:
+            self.store = DeviceKV(batch, heads, self.scheme.width(dim), torch.uint8, self.device)
         self.store.reserve(held_tokens(self.policy, self.budget, self.chunk_size, self.settings.prompt_tokens))
         self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
         if self.transfers is not None:
             scheme = self.host_scheme
-            if scheme is None or scheme.exact:
+            if scheme.exact:
                 self.host = HostKV(batch, heads, dim, self.dtype, self.transfers.cuda, self.block_tokens)
             else:  # blocks of whole groups: rows are written a group at a time
                 block = -(-self.block_tokens // scheme.group) * scheme.group
@@ -214,7 +239,12 @@ class BudgetLayer(HeadspaceLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, chunk, _ = key_states.shape
-        self.store.append(key_states, value_states)
+        if self.scheme.exact:
+            self.store.append(key_states, value_states)
+        else:
+            self.store.append(self.scheme.quantize(key_states, keys=True),
+                              self.scheme.quantize(value_states, keys=False))
+            self.chunk = (key_states, value_states)
         new = torch.arange(self.length, self.length + chunk, device=self.device)
         self.positions = torch.cat([self.positions, new.expand(batch, heads, chunk)], dim=-1)
         self.length += chunk
@@ -225,7 +255,7 @@ class BudgetLayer(HeadspaceLayer):
         decoding = phase is Phase.DECODE
         if decoding and self.store.capacity > self.budget + DECODE_ROOM:
             self.shrink(self.budget + DECODE_ROOM)
-        keys, values = self.store.view()
+        keys, values = self.attended()
         exact = self.host is not None and self.host.length > 0 and (not decoding or self.settings.decode_exact)
         if exact:
             out = self.attend_with_host(query, scaling, staging, keys, values)
@@ -235,8 +265,25 @@ class BudgetLayer(HeadspaceLayer):
         self.scores = self.policy.score(ScoreInputs(self.index, query, keys, values, self.positions, self.scores,
                                                     self.length - chunk, scaling))
         if not self.holding_prompt(decoding):
-            self.evict()
+            self.evict(keys, values)
         return out
+
+    def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token as attention reads it: the store itself when exact; else its rows before the newest
+        chunk dequantized into a working copy (this layer's only, freed after its attention), then the chunk as
+        the model computed it."""
+        if self.scheme.exact:
+            return self.store.view()
+        rows, values_rows = self.store.view()
+        chunk_keys, chunk_values = self.chunk
+        self.chunk = None
+        older = rows.shape[2] - chunk_keys.shape[2]
+        keys = torch.empty(*rows.shape[:3], self.head_dim, dtype=self.dtype, device=self.device)
+        values = torch.empty_like(keys)
+        keys[:, :, :older] = self.scheme.dequantize(rows[:, :, :older], True, self.head_dim, self.dtype)
+        values[:, :, :older] = self.scheme.dequantize(values_rows[:, :, :older], False, self.head_dim, self.dtype)
+        keys[:, :, older:], values[:, :, older:] = chunk_keys, chunk_values
+        return keys, values
 
     def holding_prompt(self, decoding: bool) -> bool:
         """Whether a compress-once policy still keeps every token: until the prompt's last chunk is scored."""
@@ -271,15 +318,15 @@ class BudgetLayer(HeadspaceLayer):
 
     def shrink(self, tokens: int) -> None:
         """Give back the prefill chunk's room once decoding: decode appends one token per step."""
-        batch, heads, dim = self.store.shape
-        store = DeviceKV(batch, heads, dim, self.dtype, self.device)
+        store = DeviceKV(*self.store.shape, self.store.dtype, self.device)
         store.reserve(max(tokens, self.store.length))
         store.append(*self.store.view())
         self.store = store
 
     # -- eviction ---------------------------------------------------------------------------------------
-    def evict(self) -> None:
-        """Cut every KV head back to ``budget`` tokens: the stabilizer window and sinks, then the best scores."""
+    def evict(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Cut every KV head back to ``budget`` tokens: the stabilizer window and sinks, then the best scores.
+        ``keys``/``values``: every stored token as attended, which evicted tokens go to the host tier as."""
         stored, budget = self.store.length, self.budget
         if stored <= budget:
             return
@@ -290,7 +337,6 @@ class BudgetLayer(HeadspaceLayer):
         order = torch.sort(kept, dim=-1, stable=True).indices  # evicted first, then kept, each in position order
         drop, keep = order[..., : stored - budget], order[..., stored - budget :]
         if self.host is not None:
-            keys, values = self.store.view()
             index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             if isinstance(self.host, QuantizedKV):
                 self.host.append(keys.gather(2, index), values.gather(2, index))
@@ -333,7 +379,7 @@ def budget_cache(
     """A cache keeping a budget of tokens per KV head of each full-attention layer, chosen by ``policy``.
 
     ``options`` are :class:`BudgetOptions` fields (``budget`` or ``compression``, ``stabilizer``,
-    ``sink``; with ``offload``, :class:`OffloadBudgetOptions`' ``decode``) and, when ``policy``
+    ``sink``, ``kv_dtype``; with ``offload``, :class:`OffloadBudgetOptions`' ``decode``) and, when ``policy``
     is a name, the policy's own fields. ``prompt_tokens`` resolves ``compression``.
     ``offload=True`` keeps evicted tokens in host memory (the ``offload+locret`` semantics in
     the module docstring), streamed back ``group_heads`` at a time; host memory grows in
@@ -361,7 +407,7 @@ def budget_cache(
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None
         else BudgetLayer(index, chosen, settings, chunk_size, transfers if offload else None, group_heads,
-                         block_tokens, getattr(budget_options, "precision", EXACT_KV).scheme("host"))
+                         block_tokens, budget_options.precision)
         for index, window in enumerate(shape.windows)
     ]
     cache = HeadspaceCache(layers, Staging(transfers, device, model.dtype))

@@ -56,6 +56,17 @@ def window_bytes(shape: ModelShape, tokens: int, dtype: torch.dtype, chunk_size:
     return sum(row * window_tokens(w, tokens, chunk_size) for w in shape.windows if w is not None)
 
 
+def budget_bytes(shape: ModelShape, held: int, dtype: torch.dtype, chunk_size: int,
+                 precision: KVPrecision = EXACT_KV) -> int:
+    """Device bytes of a budgeted (eviction) cache whose full-attention layers hold ``held`` tokens per KV head
+    at the device tier's precision; a quantized one adds the working copy that one layer at a time dequantizes
+    its tokens into for attention. Sliding-window layers are bounded by their window, exact."""
+    gpu = precision.scheme("gpu")
+    stored = shape.full_layers * shape.kv_heads * held * gpu.bytes_per_token(shape.head_dim, dtype.itemsize)
+    working = 0 if gpu.exact else shape.kv_heads * held * shape.row_bytes(dtype.itemsize)
+    return stored + working + window_bytes(shape, held, dtype, chunk_size)
+
+
 @dataclass(frozen=True)
 class Placement:
     """Where the KV of ``tokens`` positions lives: ``gpu_heads[i]`` heads of the i-th full-attention layer on

@@ -14,6 +14,7 @@ import torch
 from conftest import ATOL, kv_heads, max_diff, random_ids
 from test_cli import refused, run, tiny_model  # noqa: F401  (tiny_model: a fixture)
 
+import headspace.kv.quant.store
 from headspace import Engine, HeadspaceError
 from headspace.eviction import budget
 from headspace.eviction.budget import BudgetLayer
@@ -78,9 +79,12 @@ def test_a_quantized_budget_is_kept_per_head_in_prefill_and_decode(tiny_models, 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2-sliding", "gemma3", "qwen3"])
 @pytest.mark.parametrize("kv_dtype", ["fp8", "int8"])
-def test_with_nothing_evicted_it_computes_what_quantized_offload_computes(tiny_models, one_thread, arch, kv_dtype):
+def test_with_nothing_evicted_it_computes_what_quantized_offload_computes(tiny_models, one_thread, arch, kv_dtype,
+                                                                          monkeypatch):
     """Both attend each chunk as computed and the tokens before it dequantized: with a budget above the context the
-    budgeted layer evicts nothing and must equal ``offload`` with every head resident at the same precision."""
+    budgeted layer evicts nothing and must equal ``offload`` with every head resident at the same precision (whose
+    decode, told to quantize every step, stores each token as the budget does)."""
+    monkeypatch.setattr(headspace.kv.quant.store, "DECODE_BATCH", 1)
     model, ids = tiny_models.model(arch), random_ids(120, seed=4)
     budgeted = Engine(model, mode="snapkv", kv_dtype=kv_dtype, **{**OPTIONS, "budget": 256})
     offload = Engine(model, mode="offload", chunk_size=CHUNK, gpu_heads=kv_heads(model.config), kv_dtype=kv_dtype)

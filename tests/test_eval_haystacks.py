@@ -91,7 +91,7 @@ def test_digits_kept_count_the_digits_in_place():
 
 def test_a_document_holds_every_fact_its_questions_ask(tokenizer):
     document = make_document(tokenizer, 3000, seed=0)
-    assert [q.task for q in document.questions] == ["niah_single"] * 4 + ["niah_multivalue", "variable_tracking"]
+    assert [q.task for q in document.questions] == ["niah_single"] * 4 + ["niah_multikey", "variable_tracking"]
     assert len({q.answers[0] for q in document.questions}) == 6
     for question in document.questions:
         assert question.context == document.context and question.haystack == "varied"

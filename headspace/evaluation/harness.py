@@ -13,11 +13,24 @@ Two settings (``EvalConfig.settings``), each record saying which:
   any question is seen (``Engine.prefill_document``), and then asked one question per
   fact (``Engine.ask``: the document is rolled back after each), the path a kept
   document takes in the API, the CLI and the server. The documents: per length, haystack
-  and index, one with a needle at each depth, one more needle (``niah_multikey``), a
-  multi-value key and a variable chain; one ship's log for the held-out family; and the
-  common-words list with its one question. A query-aware mode (``snapkv-question``) runs
-  here as what it becomes without the question: its window is the document's end, so it
-  is query-agnostic SnapKV compressing once (the report notes it).
+  and index, one with a needle at each depth, one more needle (``niah_multikey``) and a
+  variable chain; one ship's log for the held-out family; and, each with its one
+  question, the ``niah_multivalue`` and the common-words prompts of the inside setting.
+  A query-aware mode (``snapkv-question``) runs here as what it becomes without the
+  question: its window is the document's end, so it is query-agnostic SnapKV compressing
+  once (the report notes it).
+
+Framing: a document is plain text, each question follows it on a new line and ends in
+its answer prefix, worded as in the inside setting, and the document opens with the
+instruction of each task it holds (``ask(document, "\n" + question)``, as a user of the
+API would ask a kept document; SmolLM2 does not answer these tasks through its chat
+template). A needle question of a shared document is harder than the inside setting's
+``niah_single``: the document's other needles are its distractors (three with the default
+depths, as in the inside ``niah_multikey``), so compare modes within a setting, and
+``full`` across settings only task by task. A key repeated by three needles (the
+multi-value task) was the strongest distractor, which is why that task has its own
+document: in a shared one, SmolLM2 under ``full`` answered the other keys' questions
+with its numbers (2K tokens: 10/24 needle questions right with it, 16/24 without).
 """
 
 from __future__ import annotations
@@ -125,20 +138,27 @@ def samples_for(config: EvalConfig, tokenizer) -> list[Sample]:
 
 
 def documents_for(config: EvalConfig, tokenizer) -> list[Document]:
-    """Every document of the ``after`` setting, each with its questions among ``config.tasks``."""
+    """Every document of the ``after`` setting, each with its questions among ``config.tasks``.
+
+    Per length and index: per haystack, one shared document (:func:`make_document`) and, with
+    ``niah_multivalue``, that task's question-inside prompt as a document of its own; the held-out
+    family's ship's log; the common-words list.
+    """
     out = []
-    main = tuple(task for task in DOCUMENT_TASKS if task in config.tasks)
+    shared = tuple(task for task in DOCUMENT_TASKS if task in config.tasks)
     heldout = tuple(task for task in HELDOUT_TASKS if task in config.tasks)
+    alone = [(task, haystack) for task in ("niah_multivalue", "common_words") if task in config.tasks
+             for haystack in (config.haystacks if task in HAYSTACK_TASKS else config.haystacks[:1])]
     for length in config.lengths:
         for index in range(config.samples):
-            if main:
-                out += [make_document(tokenizer, length, config.seed, index, haystack, config.depths, main)
+            if shared:
+                out += [make_document(tokenizer, length, config.seed, index, haystack, config.depths, shared)
                         for haystack in config.haystacks]
+            for task, haystack in alone:
+                sample = make_sample(task, tokenizer, length, config.seed, index, haystack=haystack)
+                out.append(Document(length, index, sample.haystack, sample.context, [sample]))
             if heldout:
                 out.append(make_logbook(tokenizer, length, config.seed, index, config.depths, heldout))
-            if "common_words" in config.tasks:
-                words = make_sample("common_words", tokenizer, length, config.seed, index)
-                out.append(Document(length, index, words.haystack, words.context, [words]))
     return out
 
 

@@ -21,11 +21,12 @@ one asked for) is written once and kept fixed: a ship's log as haystack, needles
 main tasks and unlike the retaining heads' training templates. It is reported apart
 from the main tasks, and nothing (heads, defaults) is tuned on it.
 
-:func:`make_document` builds one document holding several needles, a multi-value key
-and a variable chain, with one question per fact, and :func:`make_logbook` the held-out
-family's ship's log with several vessels: the same compressed document can be asked all
-of its questions (the questions-after-compression setting of the harness), and each
-question's prompt (document + question) is what the question-inside setting would see.
+:func:`make_document` builds one document holding several needles and a variable chain,
+with one question per fact, and :func:`make_logbook` the held-out family's ship's log with
+several vessels: the same compressed document can be asked all of its questions (the
+questions-after-compression setting of the harness), and each question's prompt (document +
+question) is what the question-inside setting would see. Each needle question of a document
+has the other needles as distractors, so it is a multi-key question whatever its task's name.
 
 Prompts are plain completions ending in an answer prefix ("... The special magic
 number for X mentioned in the provided text is"); SmolLM2-135M-Instruct answers the
@@ -144,6 +145,7 @@ def _haystack(pieces: list[str], inserts: list[tuple[float, str]]) -> str:
 
 _NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
                "I will quiz you about the numbers afterwards.\n")
+_VARIABLE_INTRO = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
 _LOG_INTRO = "Below is an excerpt from a ship's log. Read it carefully; questions about it follow.\n"
 
 
@@ -233,8 +235,7 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0, de
     if task == "variable_tracking":
         value, names, chain = _variable_chain(rng)
         depths = sorted(rng.random() for _ in chain)
-        intro = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-        return sample(intro, list(zip(depths, chain)), _variable_question(value), names, None)
+        return sample(_VARIABLE_INTRO, list(zip(depths, chain)), _variable_question(value), names, None)
     # common_words
     vocabulary = _words(rng, 600)
     common, rare = vocabulary[:10], vocabulary[10:]
@@ -253,19 +254,21 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0, de
 
 
 DOCUMENT_DEPTHS = (0.1, 0.35, 0.6, 0.85)
-DOCUMENT_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")  # questions it can hold
+DOCUMENT_TASKS = ("niah_single", "niah_multikey", "variable_tracking")  # the questions a shared document holds
 
 
 def make_document(tokenizer, length: int, seed: int, index: int = 0, haystack: str = "varied",
-                  depths: tuple[float, ...] = DOCUMENT_DEPTHS,
-                  tasks: tuple[str, ...] = ("niah_single", "niah_multivalue", "variable_tracking")) -> Document:
+                  depths: tuple[float, ...] = DOCUMENT_DEPTHS, tasks: tuple[str, ...] = DOCUMENT_TASKS) -> Document:
     """One document of at most ``length`` tokens (with its longest question) and a question per fact it holds.
 
-    It holds a single needle at each of ``depths``, a key with three values and a variable chain,
-    and with ``niah_multikey`` in ``tasks`` one more needle at a random depth; the questions ask for
-    each single needle's number (task ``niah_single``, depth the needle's), the extra needle's
-    (``niah_multikey``), all three values (``niah_multivalue``) and the chain (``variable_tracking``),
-    for the ``tasks`` asked. Every needle question has the document's other needles as distractors.
+    It holds the facts of the ``tasks`` asked, each introduced as the question-inside prompts
+    introduce it: a needle at each of ``depths`` (questions ``niah_single``, depth the needle's),
+    one more at a random depth (``niah_multikey``) and a variable chain (``variable_tracking``).
+    Every needle has its own key, and every needle question has the document's other needles as
+    distractors: with three depths and ``niah_multikey``, three, as many as a question-inside
+    ``niah_multikey`` prompt has. A multi-value key is no fact of a shared document: its three
+    needles repeat one key, and SmolLM2 answers the other keys' questions with its numbers
+    (the harness gives ``niah_multivalue`` a document of its own).
     """
     unknown = sorted(set(tasks) - set(DOCUMENT_TASKS))
     if unknown:
@@ -273,21 +276,20 @@ def make_document(tokenizer, length: int, seed: int, index: int = 0, haystack: s
     filler = _filler(haystack, f"{seed}:document:{index}")
     rng = random.Random(f"{seed}:document:{length}:{index}:{haystack}")
     used: set[str] = set()
-    singles = [(depth, _key(rng, used), _number(rng)) for depth in depths]
-    multi_key, multi_values = _key(rng, used), [_number(rng) for _ in range(3)]
-    value, names, chain = _variable_chain(rng)
-    inserts = [(depth, _needle(key, number)) for depth, key, number in singles]
-    inserts += [(rng.random(), _needle(multi_key, v)) for v in multi_values]
-    inserts += list(zip(sorted(rng.random() for _ in chain), chain))
-    asked = [("niah_single", depth, _needle_question(key), [number]) for depth, key, number in singles]
+    needles = [(depth, _key(rng, used), _number(rng)) for depth in depths] if "niah_single" in tasks else []
+    asked = [("niah_single", depth, _needle_question(key), [number]) for depth, key, number in needles]
     if "niah_multikey" in tasks:
-        depth, key, number = rng.random(), _key(rng, used), _number(rng)
-        inserts.append((depth, _needle(key, number)))
+        needles.append((rng.random(), _key(rng, used), _number(rng)))
+        depth, key, number = needles[-1]
         asked.append(("niah_multikey", depth, _needle_question(key), [number]))
-    asked += [("niah_multivalue", None, _needle_question(multi_key, plural=True), multi_values),
-              ("variable_tracking", None, _variable_question(value), names)]
-    asked = [question for question in asked if question[0] in tasks]
-    return _document(tokenizer, length, index, haystack, _NIAH_INTRO, filler, inserts, asked)
+    inserts = [(depth, _needle(key, number)) for depth, key, number in needles]
+    intro = _NIAH_INTRO if needles else ""
+    if "variable_tracking" in tasks:
+        value, names, chain = _variable_chain(rng)
+        inserts += list(zip(sorted(rng.random() for _ in chain), chain))
+        asked.append(("variable_tracking", None, _variable_question(value), names))
+        intro += _VARIABLE_INTRO
+    return _document(tokenizer, length, index, haystack, intro, filler, inserts, asked)
 
 
 def make_logbook(tokenizer, length: int, seed: int, index: int = 0, depths: tuple[float, ...] = DOCUMENT_DEPTHS,

@@ -11,8 +11,9 @@
 # Python and kernel launches, not by the GPU, and the processes share one H100 (16 cores).
 #
 # Per (model, length): 21 columns (full; 10 policies x 2 ratios), one sample per cell, varied and noise
-# haystacks, depths 0.1/0.5/0.9. Inside: 17 prompts per column (357 generations); after: 4 documents prefilled
-# once per column and 17 questions (357 answers). 3,570 generations over the five (model, length) pairs.
+# haystacks, depths 0.1/0.5/0.9. Inside: 17 prompts per column (357 generations); after: 6 documents prefilled
+# once per column (per haystack a shared one and the multi-value prompt; common words; the ship's log) and 17
+# questions (357 answers). 3,570 generations over the five (model, length) pairs.
 # Estimate on the H100 (float32; the earlier SmolLM2 run: ~45 ms per decoded token, ~300 tokens per column and
 # setting): 4-6 min for each SmolLM2 and Gemma 8K/16K process alone, ~8 min for Gemma 32K inside (32 chunks of
 # 1024 per prefill); with ten processes sharing the GPU, two calls of 10 minutes should finish, a third is spare.

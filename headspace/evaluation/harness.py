@@ -20,17 +20,17 @@ Two settings (``EvalConfig.settings``), each record saying which:
   question: its window is the document's end, so it is query-agnostic SnapKV compressing
   once (the report notes it).
 
-Framing: a document is plain text, each question follows it on a new line and ends in
-its answer prefix, worded as in the inside setting, and the document opens with the
-instruction of each task it holds (``ask(document, "\n" + question)``, as a user of the
-API would ask a kept document; SmolLM2 does not answer these tasks through its chat
-template). A needle question of a shared document is harder than the inside setting's
-``niah_single``: the document's other needles are its distractors (three with the default
-depths, as in the inside ``niah_multikey``), so compare modes within a setting, and
-``full`` across settings only task by task. A key repeated by three needles (the
-multi-value task) was the strongest distractor, which is why that task has its own
-document: in a shared one, SmolLM2 under ``full`` answered the other keys' questions
-with its numbers (2K tokens: 10/24 needle questions right with it, 16/24 without).
+Framing: a document is plain text that opens with the instruction of each task it
+holds; each question follows it on a new line and ends in its answer prefix, worded as in
+the inside setting (``ask`` with the question's text, as a user of the API asks a kept
+document; SmolLM2 does not answer these tasks through its chat template). A needle
+question of a shared document is harder than the inside setting's ``niah_single``: the
+document's other needles are its distractors (three with the default depths, as in the
+inside ``niah_multikey``), so compare modes within a setting, and ``full`` across
+settings only task by task. A key repeated by three needles (the multi-value task) was
+the strongest distractor, which is why that task has its own document: in a shared one,
+SmolLM2 under ``full`` answered the other keys' questions with its numbers (six documents
+of 2K tokens, four needles each: 10/24 right with that key, 16/24 without).
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from headspace.attention.kernels import decode_lse
-from headspace.kv.quant import attend
-from headspace.kv.quant.attend import merge_lse, quantized_decode_lse
+import headspace.kv.quant.store
+from headspace.attention.kernels import decode_lse, merge_lse
+from headspace.kv.quant.attend import quantized_decode_lse
 from headspace.kv.quant.schemes import SCHEMES
 
 QUANTIZED = [name for name, scheme in SCHEMES.items() if not scheme.exact]
@@ -92,7 +92,7 @@ def test_the_kernel_reads_rows_inside_a_larger_store(kernel):
 
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_the_portable_path_equals_attention_over_the_dequantized_rows(name, monkeypatch):
-    monkeypatch.setattr(attend, "PIECE", 64)  # several pieces, merged by their log-sum-exp
+    monkeypatch.setattr(headspace.kv.quant.store, "PIECE", 64)  # several pieces, merged by their log-sum-exp
     scheme, key_rows, value_rows, (keys, values) = rows(name, (1, 2, 256, 32))
     query = torch.randn(1, 2, 3, 32)
     out, lse = quantized_decode_lse(query, key_rows, value_rows, scheme, 1 / math.sqrt(32))

@@ -94,12 +94,22 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     lse_past = lse_past.reshape(batch, q_heads, chunk)
     own_keys = keys[:, :, past:].repeat_interleave(ratio, dim=1)
     own_values = values[:, :, past:].repeat_interleave(ratio, dim=1)
-    out_own, lse_own = attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
-    top = torch.maximum(lse_past, lse_own)
-    weight_past, weight_own = torch.exp(lse_past - top)[..., None], torch.exp(lse_own - top)[..., None]
-    acc = accumulation(query.dtype)
-    merged = (out_past.to(acc) * weight_past + out_own.to(acc) * weight_own) / (weight_past + weight_own)
-    return merged.to(query.dtype)
+    out_own = attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
+    return merge_lse([(out_past, lse_past), out_own])[0].to(query.dtype)
+
+
+def merge_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of key sets from the attention over each: ``(out, lse)`` pairs of the same
+    queries (out (..., D), lse (...)), each part weighted by its share of the softmax total. Returns the output in
+    the first part's dtype and the total's log-sum-exp, both computed at float32 or above."""
+    if len(parts) == 1:
+        return parts[0]
+    acc = accumulation(parts[0][0].dtype)
+    lse = torch.stack([part[1] for part in parts]).to(acc)
+    total = torch.logsumexp(lse, dim=0)
+    weights = torch.exp(lse - total)  # a part with no keys (lse -inf) weighs 0
+    out = sum(w[..., None] * part[0].to(acc) for w, part in zip(weights, parts, strict=True))
+    return out.to(parts[0][0].dtype), total
 
 
 def decode_attention(

@@ -22,11 +22,17 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from headspace.attention.kernels import causal_attention, decode_lse, masked_decode_attention, split_decode_attention
+from headspace.attention.kernels import (
+    causal_attention,
+    decode_lse,
+    masked_decode_attention,
+    merge_lse,
+    split_decode_attention,
+)
 from headspace.errors import HeadspaceError
-from headspace.kv.quant.attend import merge_lse, quantized_decode_lse
+from headspace.kv.quant.attend import quantized_decode_lse
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
-from headspace.kv.quant.store import PIECE, QuantizedKV
+from headspace.kv.quant.store import QuantizedKV, dequantized_pieces
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
@@ -364,8 +370,8 @@ class OffloadLayer(HeadspaceLayer):
             width = heads.stop - heads.start
             q = slice(group.first * ratio, (group.first + width) * ratio)
             if decoding and isinstance(group.store, QuantizedKV):
-                rows = (part[:, :width, :start] for part in slot.rows)
-                out[:, q] = attend_rows(query[:, q], group.store, heads, tuple(rows), scaling)
+                rows = tuple(part[:, :width, :start] for part in slot.rows)
+                out[:, q] = attend_rows(query[:, q], group.store, heads, rows, scaling)
                 staging.release(slot)
                 continue
             keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
@@ -503,12 +509,7 @@ class StaticTail:
     def prefix_lse(self, query: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of the folded ``query`` over the prefix, with its log-sum-exp: the rows in their small form and
         the recent positions as they were."""
-        parts = []
-        if self.quantized:
-            parts.append(quantized_decode_lse(query, *self.rows, self.store.scheme, scaling))
-        if self.recent[0].shape[2]:
-            parts.append(decode_lse(query, *self.recent, scaling))
-        return merge_lse(parts) if len(parts) > 1 else parts[0]
+        return rows_lse(query, self.store.scheme, self.rows, self.recent, scaling)
 
     def advance(self) -> None:
         """The step wrote its token in slot :attr:`written`: the store's recent positions take it too."""
@@ -521,13 +522,21 @@ def attend_rows(query: torch.Tensor, store: QuantizedKV, heads: slice, rows: tup
     """Decode attention of ``query`` (B, len(heads) * R, 1, D) over ``heads`` of a quantized ``store``: its rows
     ``rows`` (on the device: resident, or staged) read in their small form, and its full-precision recent
     positions, merged by their log-sum-exp."""
-    folded = fold(query, heads.stop - heads.start)
-    recent_keys, recent_values = store.recent
-    parts = [decode_lse(folded, recent_keys[:, heads], recent_values[:, heads], scaling)]
-    if rows[0].shape[2]:
-        parts.append(quantized_decode_lse(folded, *rows, store.scheme, scaling))
-    out = merge_lse(parts)[0] if len(parts) > 1 else parts[0][0]
+    recent = tuple(part[:, heads] for part in store.recent)
+    out, _ = rows_lse(fold(query, heads.stop - heads.start), store.scheme, rows, recent, scaling)
     return out.reshape(query.shape)
+
+
+def rows_lse(query: torch.Tensor, scheme, rows: tuple[torch.Tensor, torch.Tensor],
+             recent: tuple[torch.Tensor, torch.Tensor], scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode attention of the folded ``query`` over quantized ``rows`` (read in their small form) and the
+    full-precision ``recent`` positions after them, with its log-sum-exp; at least one of the two holds a position."""
+    parts = []
+    if rows[0].shape[2]:
+        parts.append(quantized_decode_lse(query, *rows, scheme, scaling))
+    if recent[0].shape[2]:
+        parts.append(decode_lse(query, *recent, scaling))
+    return merge_lse(parts)
 
 
 class HostRows:
@@ -539,11 +548,10 @@ class HostRows:
         self.scheme, self.spans, self.recent, self.head_dim, self.dtype = scheme, spans, recent, head_dim, dtype
 
     def __iter__(self):
-        step = max(PIECE // self.scheme.group, 1) * self.scheme.group
         for keys, values in self.spans:
-            for start in range(0, keys.shape[2], step):
-                yield (self.scheme.dequantize(keys[:, :, start : start + step], True, self.head_dim, self.dtype),
-                       self.scheme.dequantize(values[:, :, start : start + step], False, self.head_dim, self.dtype))
+            for _, piece_keys, piece_values in dequantized_pieces(self.scheme, keys, values, self.head_dim,
+                                                                  self.dtype):
+                yield piece_keys, piece_values
         yield from self.recent
 
 

@@ -24,23 +24,13 @@ import importlib.util
 
 import torch
 
-from headspace.attention.kernels import accumulation, decode_lse
+from headspace.attention.kernels import accumulation, decode_lse, merge_lse
 from headspace.kv.quant.schemes import Scheme
-from headspace.kv.quant.store import PIECE
+from headspace.kv.quant.store import dequantized_pieces
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def merge_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention over the union of key sets from the attention over each, ``(out, lse)`` pairs of the same
-    queries (out (..., D), lse (...) float32): the softmax weights of each part are its share of the total."""
-    lse = torch.stack([part[1] for part in parts]).float()
-    total = torch.logsumexp(lse, dim=0)
-    weights = torch.exp(lse - total)  # a part with no keys (lse -inf) weighs 0
-    out = sum(w[..., None] * part[0].float() for w, part in zip(weights, parts, strict=True))
-    return out.to(parts[0][0].dtype), total
 
 
 def quantized_decode_lse(query: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, scheme: Scheme,
@@ -57,12 +47,6 @@ def quantized_decode_lse(query: torch.Tensor, key_rows: torch.Tensor, value_rows
         from headspace.kv.quant import triton_decode  # Triton is imported only where it runs
 
         return triton_decode.attend(query, key_rows, value_rows, scheme, scaling)
-    dim = query.shape[-1]
-    step = max(PIECE // scheme.group, 1) * scheme.group
-    parts = []
-    for start in range(0, key_rows.shape[2], step):
-        keys = scheme.dequantize(key_rows[:, :, start : start + step], True, dim, query.dtype)
-        values = scheme.dequantize(value_rows[:, :, start : start + step], False, dim, query.dtype)
-        parts.append(decode_lse(query, keys, values, scaling))
-    out, lse = parts[0] if len(parts) == 1 else merge_lse(parts)
+    pieces = dequantized_pieces(scheme, key_rows, value_rows, query.shape[-1], query.dtype)
+    out, lse = merge_lse([decode_lse(query, keys, values, scaling) for _, keys, values in pieces])
     return out, lse.to(accumulation(query.dtype))

@@ -17,6 +17,8 @@ little there. Decode, which is bound by the bytes it reads, attends the rows as 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from headspace.kv.quant.schemes import Scheme
@@ -24,6 +26,16 @@ from headspace.kv.tiers import DeviceKV, HostKV
 
 PIECE = 65536  # tokens dequantized at once: bounds the float32 temporaries at long contexts
 DECODE_BATCH = 256  # decode quantizes once this many positions beyond the residual window have gathered
+
+
+def dequantized_pieces(scheme: Scheme, key_rows: torch.Tensor, value_rows: torch.Tensor, head_dim: int,
+                       dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Rows (..., n, width) dequantized :data:`PIECE` tokens (whole groups) at a time, which bounds the float32
+    temporaries at long contexts: (first position, keys, values) per piece."""
+    step = max(PIECE // scheme.group, 1) * scheme.group
+    for start in range(0, key_rows.shape[-2], step):
+        yield (start, scheme.dequantize(key_rows[..., start : start + step, :], True, head_dim, dtype),
+               scheme.dequantize(value_rows[..., start : start + step, :], False, head_dim, dtype))
 
 
 class QuantizedKV:
@@ -86,13 +98,11 @@ class QuantizedKV:
             row_keys, row_values = copied[0][:, :width], copied[1][:, :width]
         else:
             row_keys, row_values = (part[:, heads] for part in self.rows.view())
-        dim = self.shape[2]
-        dequantize = self.scheme.dequantize
-        step = max(PIECE // self.scheme.group, 1) * self.scheme.group
-        for start in range(0, tokens, step):
-            stop = min(start + step, tokens)
-            keys[:, :, start:stop] = dequantize(row_keys[:, :, start:stop], True, dim, keys.dtype)
-            values[:, :, start:stop] = dequantize(row_values[:, :, start:stop], False, dim, values.dtype)
+        pieces = dequantized_pieces(self.scheme, row_keys[:, :, :tokens], row_values[:, :, :tokens], self.shape[2],
+                                    keys.dtype)
+        for start, piece_keys, piece_values in pieces:
+            keys[:, :, start : start + piece_keys.shape[2]] = piece_keys
+            values[:, :, start : start + piece_values.shape[2]] = piece_values
 
     def static_steps(self) -> int:
         """Decode steps that quantize nothing from now on (after a decode flush: at least one)."""

@@ -20,6 +20,7 @@ within a byte, as :meth:`~headspace.kv.quant.schemes.Grouped._pack` writes them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -29,7 +30,9 @@ from headspace.kv.quant.schemes import Scheme
 from headspace.kv.quant.store import dequantized_pieces
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Whether Triton is installed: looked up once, not on every decode step of every layer."""
     return importlib.util.find_spec("triton") is not None
 
 

@@ -14,7 +14,7 @@ from headspace import HeadspaceError
 from headspace.commands import main
 from headspace.evaluation.harness import EvalConfig, ModeSpec, evaluate, mode_specs
 from headspace.evaluation.report import heatmap, summarize, table
-from headspace.evaluation.tasks import TASKS, Sample, make_sample, score
+from headspace.evaluation.tasks import TASKS, Sample, _fit, make_sample, score
 from headspace.eviction.retaining.heads import HeadsSpec, RetainingHeads
 
 VOCAB = 256
@@ -139,3 +139,21 @@ def test_eval_cli_refuses_bad_arguments_before_loading(capsys):
     assert main(["eval", "--modes", "full,warp"]) == 2
     assert "unknown mode" in capsys.readouterr().err
     assert main(["eval", "--depths", "1.5"]) == 2
+
+
+class _WordTokenizer:
+    """One token per whitespace-separated word: a tokenizer as frugal as a large vocabulary's."""
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": text.split()}
+
+
+def test_common_words_fill_long_prompts():
+    """The list grows with the length asked for (a fixed vocabulary once stopped growing and the fit never ended)."""
+    sample = make_sample("common_words", _WordTokenizer(), 20_000, seed=0)
+    assert 19_000 <= len(sample.prompt.split()) <= 20_000
+
+
+def test_a_text_that_stops_growing_is_refused():
+    with pytest.raises(HeadspaceError, match="stops growing at 3 tokens, short of 10"):
+        _fit(lambda n: "a b c", 10, lambda text: len(text.split()))

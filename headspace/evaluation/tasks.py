@@ -113,8 +113,13 @@ def _key(rng: random.Random, used: set[str]) -> str:
 def _fit(build: Callable[[int], str], tokens: int, count: Callable[[str], int]) -> str:
     """The longest ``build(n)`` (n filler units) that is at most ``tokens`` tokens long."""
     low, high = 1, 1
-    while count(build(high)) <= tokens:
+    size = count(build(high))
+    while size <= tokens:
         low, high = high, high * 2
+        grown = count(build(high))
+        if grown <= size:  # more units no longer lengthen the text: doubling would never end
+            raise HeadspaceError(f"this task's text stops growing at {size} tokens, short of {tokens}")
+        size = grown
     while high - low > 1:
         middle = (low + high) // 2
         if count(build(middle)) <= tokens:
@@ -237,7 +242,7 @@ def make_sample(task: str, tokenizer, length: int, seed: int, index: int = 0, de
         depths = sorted(rng.random() for _ in chain)
         return sample(_VARIABLE_INTRO, list(zip(depths, chain)), _variable_question(value), names, None)
     # common_words
-    vocabulary = _words(rng, 600)
+    vocabulary = _words(rng, 10 + max(590, length // 4))  # enough rare words (two list lines each) to fill length
     common, rare = vocabulary[:10], vocabulary[10:]
     intro = "Below is a numbered list of words. In these words, some appear more often than others. Memorize the " \
             "ones that appear most often.\n"

@@ -30,7 +30,7 @@ from headspace.attention.kernels import (
     split_decode_attention,
 )
 from headspace.errors import HeadspaceError
-from headspace.kv.quant.attend import quantized_decode_lse
+from headspace.kv.quant.attend import quantized_decode_lse, triton_available
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.store import QuantizedKV, dequantized_pieces
 from headspace.kv.static import StaticDecode
@@ -165,8 +165,11 @@ class WindowLayer(HeadspaceLayer):
     def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
         _, first, slots = self._static
         keys, values = self.store.slots(0, slots)
-        out = masked_decode_attention(fold(query, keys.shape[1]), keys, values, scaling,
-                                      static.window_mask(first, slots, self.window))
+        folded = fold(query, keys.shape[1])
+        if slot_kernel(folded):
+            out = attend_slots(folded, keys, values, scaling, static.position, first, self.window)
+        else:
+            out = masked_decode_attention(folded, keys, values, scaling, static.window_mask(first, slots, self.window))
         return out.reshape(query.shape)
 
     def advance_static(self) -> None:
@@ -460,6 +463,9 @@ class OffloadLayer(HeadspaceLayer):
         if isinstance(self.resident, QuantizedKV):
             prefix = self._static_tail.prefix_lse(folded, scaling)
             keys, values = self._static_tail.slots.slots(0, static.tail)
+        elif slot_kernel(folded):  # prefix and tail at once, up to the position: no mask, no merge
+            out = attend_slots(folded, *self.resident.slots(0, static.prefix + static.tail), scaling, static.position)
+            return out.reshape(query.shape)
         else:
             prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
             keys, values = self.resident.slots(static.prefix, static.prefix + static.tail)
@@ -481,6 +487,25 @@ class OffloadLayer(HeadspaceLayer):
     @property
     def host_bytes(self) -> int:
         return self.host.nbytes if self.host is not None else 0
+
+
+def slot_kernel(query: torch.Tensor) -> bool:
+    """Whether a static step attends exact resident slots with the Triton kernel (:func:`attend_slots`): a folded
+    ``query`` in half precision on a GPU (float32 would meet tensor cores as tf32: the portable path keeps it exact),
+    a head size the kernel tiles (a power of two, at least 16), Triton installed."""
+    dim = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
+            and triton_available())
+
+
+def attend_slots(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                 position: torch.Tensor, first: int = 0, window: int | None = None) -> torch.Tensor:
+    """Decode attention of the folded ``query`` over the slots up to the decoded token's (slot ``position - first``,
+    the last ``window`` of them with a window), in two kernels whatever the slots: what a CUDA graph replays is
+    the fewer small kernels (:mod:`headspace.attention.triton_decode`)."""
+    from headspace.attention import triton_decode  # Triton is imported only where it runs
+
+    return triton_decode.attend(query, keys, values, position, scaling, first, window)
 
 
 class StaticTail:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_logits_equal, kv_heads
+from conftest import TinyModels, assert_logits_equal, kv_heads, max_diff
 
 import headspace.engine.graphs
 import headspace.kv.layers
@@ -94,6 +94,7 @@ def through_the_kernel(monkeypatch):
 
 
 # head sizes the kernel tiles (16): full attention, sliding windows (Mistral), both mixed (Gemma 3)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU models through the interpreter: on a GPU, the test below")
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma3"])
 def test_static_decode_through_the_kernel_gives_the_logits_of_full(tiny_models, through_the_kernel, arch):
     ids, ref = tiny_models.reference(arch)
@@ -107,6 +108,36 @@ def test_static_decode_through_the_kernel_gives_the_logits_of_full(tiny_models, 
         assert_logits_equal(engine.decode_step(token, cache), full.decode_step(token, full_cache))
     assert len(through_the_kernel) == steps * len(cache.layers)
     assert engine._graphs.captures == -(-steps // 5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel in a captured graph needs CUDA")
+@pytest.mark.parametrize("compile_layers", [False, True])
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+def test_bf16_graph_decode_through_the_kernel_is_no_further_from_float32_than_eager_decode(monkeypatch, arch,
+                                                                                         compile_layers):
+    """bf16 on the GPU, where the kernel is chosen by itself (and with the norms and MLPs compiled): the replayed
+    step's logits are as near to float32 ``full`` as eager decode's, across a recapture (a 5-token tail)."""
+    monkeypatch.setattr(headspace.engine.graphs, "TAIL_TOKENS", 5)
+    calls = []
+    real = headspace.kv.layers.attend_slots
+    monkeypatch.setattr(headspace.kv.layers, "attend_slots", lambda *a, **k: calls.append(1) or real(*a, **k))
+    models = TinyModels()
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(7)).cuda()
+    reference = Engine(models.model(arch).cuda(), mode="full", chunk_size=64)
+    ref_logits, ref_cache = reference.prefill(ids)
+    tokens = [int(ref_logits.argmax())]
+    bf16 = TinyModels().model(arch).to("cuda", torch.bfloat16)
+    eager, graph = (Engine(bf16, mode="offload", chunk_size=32, gpu_heads=kv_heads(bf16.config), cuda_graphs=graphs,
+                           compile_layers=compile_layers and graphs) for graphs in (False, True))
+    caches = [eager.prefill(ids)[1], graph.prefill(ids)[1]]
+    worst = [0.0, 0.0]
+    for _ in range(12):
+        expected = reference.decode_step(tokens[-1], ref_cache)
+        for i, engine in enumerate((eager, graph)):
+            worst[i] = max(worst[i], max_diff(engine.decode_step(tokens[-1], caches[i]), expected))
+        tokens.append(int(expected.argmax()))
+    assert calls and graph._graphs.captures >= 3  # captured (warm-up and capture run the kernel), replayed
+    assert worst[1] <= 2 * worst[0] + 1e-3, worst
 
 
 def test_the_kernel_is_taken_only_where_it_runs():

@@ -454,7 +454,7 @@ class OffloadLayer(HeadspaceLayer):
 
     def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
         if isinstance(self.resident, QuantizedKV):
-            self._static_tail.slots.write_at(static.slot(static.prefix), key_states, value_states)
+            self._static_tail.write(static, key_states, value_states)
         else:
             self.resident.write_at(static.slot(0), key_states, value_states)
 
@@ -462,7 +462,7 @@ class OffloadLayer(HeadspaceLayer):
         folded = fold(query, self.heads)
         if isinstance(self.resident, QuantizedKV):
             prefix = self._static_tail.prefix_lse(folded, scaling)
-            keys, values = self._static_tail.slots.slots(0, static.tail)
+            keys, values = self._static_tail.slots(static.tail)
         elif slot_kernel(folded):  # prefix and tail at once, up to the position: no mask, no merge
             out = attend_slots(folded, *self.resident.slots(0, static.prefix + static.tail), scaling, static.position)
             return out.reshape(query.shape)
@@ -510,19 +510,23 @@ def attend_slots(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 class StaticTail:
     """The static form of decode over quantized resident heads: the rows and full-precision recent positions
-    stored when it began (the prefix, fixed: nothing is quantized during it), and a buffer of tail slots that
-    the replayed steps write. Each step's token also joins the store's recent positions after the step
-    (:meth:`advance`), so between steps the store holds every position as usual."""
+    stored when it began (the prefix, fixed: nothing is quantized during it), and tail slots that the replayed
+    steps write. The recent positions and the tail share one buffer, recent first, and the store's recent
+    positions are a view of it that grows by one after each step (:meth:`advance`): between steps the store holds
+    every position as usual, and no step copies them (appending would copy them all, twice per layer)."""
 
     def __init__(self, store: QuantizedKV, tail: int):
         self.store, self.rows = store, store.rows.view()
-        self.recent = store.recent
         self.storage, self.quantized = store.rows.storage, store.quantized
-        self.written, self.latest = 0, store.recent[0]  # what the store's recent keys are after our last step
+        self.held = store.recent[0].shape[2]  # recent positions when it began: the buffer's first slots
         batch, heads, dim = store.shape
-        self.slots = DeviceKV(batch, heads, dim, store.dtype, store.device)
-        self.slots.reserve(tail)
-        self.slots.clear(0, tail)
+        self.buffer = DeviceKV(batch, heads, dim, store.dtype, store.device)
+        self.buffer.reserve(self.held + tail)
+        self.buffer.append(*store.recent)
+        self.buffer.clear(self.held, self.held + tail)
+        self.recent = self.buffer.view()  # the prefix's recent positions, as they were
+        store.recent = self.recent
+        self.written, self.latest = 0, store.recent[0]  # what the store's recent keys are after our last step
 
     def covers(self, written: int) -> bool:
         """Whether the store is as this form left it after ``written`` steps: nothing was stored, quantized or
@@ -536,9 +540,18 @@ class StaticTail:
         the recent positions as they were."""
         return rows_lse(query, self.store.scheme, self.rows, self.recent, scaling)
 
+    def slots(self, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``tail`` slots the steps write, written or not."""
+        return self.buffer.slots(self.held, self.held + tail)
+
+    def write(self, static: StaticDecode, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the decoded token in its slot: the one after the prefix's recent positions, for the first step."""
+        self.buffer.write_at(static.slot(static.prefix - self.held), keys, values)
+
     def advance(self) -> None:
-        """The step wrote its token in slot :attr:`written`: the store's recent positions take it too."""
-        self.store.append(*self.slots.slots(self.written, self.written + 1))
+        """The step wrote its token in the slot after the store's recent positions: they take it in."""
+        self.buffer.extend(1)
+        self.store.recent = self.buffer.view()
         self.written, self.latest = self.written + 1, self.store.recent[0]
 
 

@@ -240,7 +240,8 @@ GRAPH_SUFFIXES = {"graphs": True, "eager": False}  # a cell's own cuda_graphs, o
 def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads: int | None,
                  gpu_memory: int | float | None, kv_dtype: str = "bf16") -> tuple[str, dict]:
     """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>``,
-    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says) and
+    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says), ``/compiled``
+    (graph steps with the layers' norms and MLPs compiled, whatever ``--compile-layers`` says) and
     ``/kv<precision>`` suffixes (bare: ``gpu_heads``, ``kv_dtype``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
@@ -257,11 +258,14 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
             options["cpu_heads"] = value if value == "auto" else int(value)
         elif suffix in GRAPH_SUFFIXES:
             options["cuda_graphs"] = GRAPH_SUFFIXES[suffix]
+        elif suffix == "compiled":
+            options["compile_layers"] = True
         elif suffix.startswith("kv") and suffix[2:]:
             options["kv_dtype"] = str(KVPrecision.parse(suffix[2:].replace("+", ",")))
         else:
             raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs, "
-                                 f"/eager nor /kv<precision> (example: offload/gpuauto/cpuauto, offload/kvhost=int4)")
+                                 f"/eager, /compiled nor /kv<precision> (example: offload/gpuauto/cpuauto, "
+                                 f"offload/kvhost=int4)")
     return name, options
 
 
@@ -288,16 +292,17 @@ def largest(engine: Engine, decode_steps: int) -> int:
 
 def run(preset: str, contexts: list[int | str], modes: dict[str, tuple[str, dict]], chunk_size: int,
         decode_steps: int, synthetic_from: int | None, device: torch.device, ceilings: dict[str, float],
-        cuda_graphs: bool | str = "auto") -> list[Cell]:
+        cuda_graphs: bool | str = "auto", compile_layers: bool = False) -> list[Cell]:
     """Measure every (mode, context) cell; ``modes`` maps each bench mode to its engine mode and options
-    (:func:`mode_options`); ``cuda_graphs`` is the engines' (``"auto"``: where every head is resident)."""
+    (:func:`mode_options`); ``cuda_graphs`` and ``compile_layers`` are the engines' (``"auto"``: where every
+    head is resident)."""
     model = random_model(preset, device, default_dtype(device))
     cells, warm = [], set()
     for context in contexts:
         for mode, (name, options) in modes.items():
             graphs = cuda_graphs if cuda_graphs is not True or name == "offload" else "auto"  # full has none
             engine = Engine(model, None, mode=name, chunk_size=chunk_size, allow_beyond_positions=True,
-                            **{"cuda_graphs": graphs, **options})
+                            **{"cuda_graphs": graphs, "compile_layers": compile_layers, **options})
             tokens = context if isinstance(context, int) else 0
             try:
                 if mode not in warm:
@@ -394,6 +399,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
                         help="decode from a CUDA graph: auto (default: offload cells whose heads are all resident), "
                              "on (offload cells refuse a plan that offloads heads), off (eager, as before)")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="graph decode steps run the decoder layers' norms and MLPs through torch.compile")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--plot", type=Path, default=None)
@@ -420,11 +427,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                                    for name, rate in ceilings.items()), flush=True)
     print(HEADER, flush=True)
     cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from, device,
-                ceilings, SETTINGS[args.cuda_graphs])
+                ceilings, SETTINGS[args.cuda_graphs], args.compile_layers)
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "cuda_graphs": args.cuda_graphs, "kv_dtype": args.kv_dtype,
+            "cuda_graphs": args.cuda_graphs, "compile_layers": args.compile_layers, "kv_dtype": args.kv_dtype,
             "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:

@@ -191,11 +191,19 @@ def add_graph_option(parser: argparse.ArgumentParser) -> None:
                         help="replay decode steps from a CUDA graph: 'auto' (default) when every KV head is on the "
                              "GPU at the model's precision, 'on' to insist (refused for a plan that offloads or "
                              "quantizes heads), 'off' to decode eagerly")
+    parser.add_argument("--compile-layers", action="store_true",
+                        help="run the decoder layers' norms and MLPs through torch.compile in graph decode steps "
+                             "(fewer kernels per token; compiles on the first step)")
 
 
 def cuda_graphs(args: argparse.Namespace) -> bool | str:
     """The engine's ``cuda_graphs`` from ``--cuda-graphs`` (``"auto"`` where the command has no such flag)."""
     return SETTINGS[getattr(args, "cuda_graphs", "auto")]
+
+
+def compile_layers(args: argparse.Namespace) -> bool:
+    """The engine's ``compile_layers`` from ``--compile-layers`` (off where the command has no such flag)."""
+    return getattr(args, "compile_layers", False)
 
 
 def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "offload") -> None:
@@ -343,7 +351,8 @@ def open_document(args: argparse.Namespace, path: str) -> tuple[Engine, Document
     options = {**(manifest["options"] if args.mode == manifest["mode"] else {}), **mode_options(args, config)}
     model, tokenizer = load_model(args.model, device, dtype)
     engine = Engine(model, tokenizer, mode=args.mode, chunk_size=args.chunk_size,
-                    allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args), **options)
+                    allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args),
+                    compile_layers=compile_layers(args), **options)
     start = time.perf_counter()
     with Progress("load", "B") as progress:
         document = engine.load(file.path, on_progress=progress)

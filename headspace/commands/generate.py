@@ -15,6 +15,7 @@ from headspace.commands.common import (
     add_mode_options,
     add_model_options,
     add_sampling_options,
+    compile_layers,
     cuda_graphs,
     mode_options,
     note,
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
             note("no prompt given: using the built-in example, the pass key 68142 hidden in ~4K tokens of filler")
         model, tokenizer = load_model(args.model, device, dtype)
         engine = Engine(model, tokenizer, mode=args.mode, chunk_size=args.chunk_size,
-                        allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args), **options)
+                        allow_beyond_positions=args.allow_beyond_positions, cuda_graphs=cuda_graphs(args),
+                        compile_layers=compile_layers(args), **options)
         ids = engine.encode(prompt, chat=args.chat)  # before the bar: a model without a chat template stops here
         stream = TokenStream()
         with Progress() as progress:

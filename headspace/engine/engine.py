@@ -61,6 +61,9 @@ class Engine:
     ``"auto"`` (the default) on CUDA whenever the cache holds every KV head on the GPU (an
     ``offload`` plan with nothing offloaded); ``True`` asks for it and refuses a cache it cannot
     serve (on a CPU it runs the same static decode step without a graph); ``False`` decodes eagerly.
+    ``compile_layers``: those static steps run each decoder layer's norms and MLP through ``torch.compile``
+    (fewer, fused kernels per step; compiled on the first static step;
+    :class:`~headspace.engine.graphs.CompiledLayers`).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Engine:
         allow_beyond_positions: bool = False,
         keep_bytes: int | str | None = "auto",
         cuda_graphs: bool | str = "auto",
+        compile_layers: bool = False,
         **options,
     ):
         if mode not in MODES:
@@ -90,7 +94,9 @@ class Engine:
         if cuda_graphs is True and self.mode.name != "offload":
             raise HeadspaceError(f"cuda_graphs=True needs mode 'offload' with every KV head on the GPU; mode "
                                  f"'{self.mode.name}' decodes eagerly (pass cuda_graphs='auto' or False)")
-        self.cuda_graphs = cuda_graphs
+        if not isinstance(compile_layers, bool):
+            raise HeadspaceError(f"compile_layers must be True or False, got {compile_layers!r}")
+        self.cuda_graphs, self.compile_layers = cuda_graphs, compile_layers
         self._graphs: GraphDecoder | None = None
         self._capture_failed = False  # with "auto": this model's step could not be captured, decode eagerly
 
@@ -206,7 +212,8 @@ class Engine:
         if self.graph_decodes(cache):
             self._use_attention()
             if self._graphs is None:
-                self._graphs = GraphDecoder(self.model, capture=self.device.type == "cuda")
+                self._graphs = GraphDecoder(self.model, capture=self.device.type == "cuda",
+                                            compile_layers=self.compile_layers)
             try:
                 return self._graphs.step(token, cache)
             except CaptureError as error:

@@ -16,15 +16,28 @@ static form begins again and the step is captured again.
 
 On a CPU, or with ``capture=False``, the same static step runs without a graph: the tests
 check it token for token against ``full``.
+
+A replayed kernel still costs a few microseconds however little it does, and most of a step's
+kernels are small: transformers' RMSNorm alone is about seven elementwise kernels, twice per
+layer. With ``compile_layers`` the static step runs each decoder layer's weighted submodules
+other than attention (its norms and MLP) through ``torch.compile`` (default mode: fused kernels,
+no CUDA graphs of its own), which the capture then records. They are swapped in around the
+static step only (:class:`CompiledLayers`): prefill, eager decode and other engines of the same
+model run the model as loaded. Attention is left alone: compiled, it would recompile for every
+layer (its layer index is a constant to dynamo) and break at the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel
 
+from headspace.errors import HeadspaceError
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import Phase
 from headspace.kv.static import StaticDecode
@@ -37,19 +50,47 @@ class CaptureError(RuntimeError):
     """The decode step could not be captured (something in the model's forward synchronizes with the host)."""
 
 
+class CompiledLayers:
+    """Compiled stand-ins for the submodules of each decoder layer (a module with a ``self_attn`` child) that hold
+    weights and are not that attention: the norms and the MLP. Compiled lazily, on their first call; one compiled
+    graph serves every layer (dynamo takes their weights as inputs), recompiled only for a new input shape."""
+
+    def __init__(self, model: PreTrainedModel):
+        layers = [module for module in model.modules() if isinstance(getattr(module, "self_attn", None), nn.Module)]
+        self.swaps = [(layer, name, child, torch.compile(child)) for layer in layers
+                      for name, child in layer.named_children()
+                      if name != "self_attn" and next(child.parameters(), None) is not None]
+        if not self.swaps:
+            raise HeadspaceError(f"compile_layers: no decoder layers with a 'self_attn' module in "
+                                 f"{type(model).__name__}")
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """The model runs the compiled submodules inside, the loaded ones again after."""
+        for layer, name, _, compiled in self.swaps:
+            setattr(layer, name, compiled)
+        try:
+            yield
+        finally:
+            for layer, name, child, _ in self.swaps:
+                setattr(layer, name, child)
+
+
 class GraphDecoder:
     """One-token decode steps of one cache at a time, in the static form, captured in a CUDA graph when
     ``capture``.
 
     The graph holds no reference to the cache (only to its storage, which the cache keeps): when
-    the cache goes, so does the graph at the next step of another cache.
+    the cache goes, so does the graph at the next step of another cache. ``compile_layers``: the step runs the
+    decoder layers' norms and MLPs compiled (:class:`CompiledLayers`).
     """
 
-    def __init__(self, model: PreTrainedModel, capture: bool, tail: int | None = None):
+    def __init__(self, model: PreTrainedModel, capture: bool, tail: int | None = None, compile_layers: bool = False):
         tail = TAIL_TOKENS if tail is None else tail
         if tail < 1:
             raise ValueError(f"tail must be at least 1, got {tail}")
         self.model, self.capture, self.tail = model, capture, tail
+        self.compiled = CompiledLayers(model) if compile_layers else None
         self.device = model.device
         self.ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.captures = 0  # static forms begun (each captured once with ``capture``): tests and stats count them
@@ -104,7 +145,7 @@ class GraphDecoder:
 
     def _forward(self, cache: HeadspaceCache) -> torch.Tensor:
         cache.phase = Phase.DECODE
-        with self._static.step():
+        with self._static.step(), self.compiled.active() if self.compiled else contextlib.nullcontext():
             out = self.model(input_ids=self.ids, position_ids=self._static.position.view(1, 1),
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1].float()

@@ -30,7 +30,7 @@ from headspace.attention.kernels import (
     split_decode_attention,
 )
 from headspace.errors import HeadspaceError
-from headspace.kv.quant.attend import quantized_decode_lse
+from headspace.kv.quant.attend import quantized_decode_lse, triton_available
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.store import QuantizedKV, dequantized_pieces
 from headspace.kv.static import StaticDecode
@@ -165,8 +165,11 @@ class WindowLayer(HeadspaceLayer):
     def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
         _, first, slots = self._static
         keys, values = self.store.slots(0, slots)
-        out = masked_decode_attention(fold(query, keys.shape[1]), keys, values, scaling,
-                                      static.window_mask(first, slots, self.window))
+        folded = fold(query, keys.shape[1])
+        if slot_kernel(folded):
+            out = attend_slots(folded, keys, values, scaling, static.position, first, self.window)
+        else:
+            out = masked_decode_attention(folded, keys, values, scaling, static.window_mask(first, slots, self.window))
         return out.reshape(query.shape)
 
     def advance_static(self) -> None:
@@ -451,7 +454,7 @@ class OffloadLayer(HeadspaceLayer):
 
     def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
         if isinstance(self.resident, QuantizedKV):
-            self._static_tail.slots.write_at(static.slot(static.prefix), key_states, value_states)
+            self._static_tail.write(static, key_states, value_states)
         else:
             self.resident.write_at(static.slot(0), key_states, value_states)
 
@@ -459,7 +462,10 @@ class OffloadLayer(HeadspaceLayer):
         folded = fold(query, self.heads)
         if isinstance(self.resident, QuantizedKV):
             prefix = self._static_tail.prefix_lse(folded, scaling)
-            keys, values = self._static_tail.slots.slots(0, static.tail)
+            keys, values = self._static_tail.slots(static.tail)
+        elif slot_kernel(folded):  # prefix and tail at once, up to the position: no mask, no merge
+            out = attend_slots(folded, *self.resident.slots(0, static.prefix + static.tail), scaling, static.position)
+            return out.reshape(query.shape)
         else:
             prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
             keys, values = self.resident.slots(static.prefix, static.prefix + static.tail)
@@ -483,21 +489,44 @@ class OffloadLayer(HeadspaceLayer):
         return self.host.nbytes if self.host is not None else 0
 
 
+def slot_kernel(query: torch.Tensor) -> bool:
+    """Whether a static step attends exact resident slots with the Triton kernel (:func:`attend_slots`): a folded
+    ``query`` in half precision on a GPU (float32 would meet tensor cores as tf32: the portable path keeps it exact),
+    a head size the kernel tiles (a power of two, at least 16), Triton installed."""
+    dim = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
+            and triton_available())
+
+
+def attend_slots(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
+                 position: torch.Tensor, first: int = 0, window: int | None = None) -> torch.Tensor:
+    """Decode attention of the folded ``query`` over the slots up to the decoded token's (slot ``position - first``,
+    the last ``window`` of them with a window), in two kernels whatever the slots: what a CUDA graph replays is
+    the fewer small kernels (:mod:`headspace.attention.triton_decode`)."""
+    from headspace.attention import triton_decode  # Triton is imported only where it runs
+
+    return triton_decode.attend(query, keys, values, position, scaling, first, window)
+
+
 class StaticTail:
     """The static form of decode over quantized resident heads: the rows and full-precision recent positions
-    stored when it began (the prefix, fixed: nothing is quantized during it), and a buffer of tail slots that
-    the replayed steps write. Each step's token also joins the store's recent positions after the step
-    (:meth:`advance`), so between steps the store holds every position as usual."""
+    stored when it began (the prefix, fixed: nothing is quantized during it), and tail slots that the replayed
+    steps write. The recent positions and the tail share one buffer, recent first, and the store's recent
+    positions are a view of it that grows by one after each step (:meth:`advance`): between steps the store holds
+    every position as usual, and no step copies them (appending would copy them all, twice per layer)."""
 
     def __init__(self, store: QuantizedKV, tail: int):
         self.store, self.rows = store, store.rows.view()
-        self.recent = store.recent
         self.storage, self.quantized = store.rows.storage, store.quantized
-        self.written, self.latest = 0, store.recent[0]  # what the store's recent keys are after our last step
+        self.held = store.recent[0].shape[2]  # recent positions when it began: the buffer's first slots
         batch, heads, dim = store.shape
-        self.slots = DeviceKV(batch, heads, dim, store.dtype, store.device)
-        self.slots.reserve(tail)
-        self.slots.clear(0, tail)
+        self.buffer = DeviceKV(batch, heads, dim, store.dtype, store.device)
+        self.buffer.reserve(self.held + tail)
+        self.buffer.append(*store.recent)
+        self.buffer.clear(self.held, self.held + tail)
+        self.recent = self.buffer.view()  # the prefix's recent positions, as they were
+        store.recent = self.recent
+        self.written, self.latest = 0, store.recent[0]  # what the store's recent keys are after our last step
 
     def covers(self, written: int) -> bool:
         """Whether the store is as this form left it after ``written`` steps: nothing was stored, quantized or
@@ -511,9 +540,18 @@ class StaticTail:
         the recent positions as they were."""
         return rows_lse(query, self.store.scheme, self.rows, self.recent, scaling)
 
+    def slots(self, tail: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``tail`` slots the steps write, written or not."""
+        return self.buffer.slots(self.held, self.held + tail)
+
+    def write(self, static: StaticDecode, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store the decoded token in its slot: the one after the prefix's recent positions, for the first step."""
+        self.buffer.write_at(static.slot(static.prefix - self.held), keys, values)
+
     def advance(self) -> None:
-        """The step wrote its token in slot :attr:`written`: the store's recent positions take it too."""
-        self.store.append(*self.slots.slots(self.written, self.written + 1))
+        """The step wrote its token in the slot after the store's recent positions: they take it in."""
+        self.buffer.extend(1)
+        self.store.recent = self.buffer.view()
         self.written, self.latest = self.written + 1, self.store.recent[0]
 
 

@@ -11,7 +11,10 @@ are all on the device, :meth:`~headspace.kv.cache.HeadspaceCache.begin_static`):
   slots up to the position, merged exactly by log-sum-exp
   (:func:`~headspace.attention.kernels.masked_decode_attention`);
 * a sliding-window layer attends its whole buffer (the window before the static form began
-  plus ``tail`` slots) with a mask that lets through the last ``window`` positions.
+  plus ``tail`` slots) with a mask that lets through the last ``window`` positions;
+* on a GPU in half precision, exact resident heads skip both: one Triton kernel attends the
+  slots up to the position, read on the device, and a second merges its splits
+  (:mod:`headspace.attention.triton_decode`), two kernels per layer instead of about fifteen.
 
 The layers' own counters (``length``) are Python numbers, advanced after each step outside
 the graph (:meth:`~headspace.kv.cache.HeadspaceCache.advance_static`), so between steps the

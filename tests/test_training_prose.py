@@ -141,3 +141,18 @@ def test_training_on_spanned_sequences_reduces_the_loss(model):
     with torch.no_grad():
         before, after = float(retaining_loss(start, x, y)), float(retaining_loss(trained, x, y))
     assert len(losses) == 25 and after < 0.7 * before
+
+
+def test_spliced_needles_name_the_spans_of_their_numbers(byte_tokenizer):
+    encode = lambda text: byte_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    filler = encode("The sky is blue. Here we go. There and back again. " * 40)
+    found = 0
+    for seed in range(10):
+        sequence = corpus.synthetic_retrieval(byte_tokenizer, filler, 300, random.Random(seed))
+        assert len(sequence.ids) == 300
+        text = byte_tokenizer.decode(sequence.ids)
+        for start, stop in sequence.spans:
+            value = byte_tokenizer.decode(sequence.ids[start:stop])
+            assert value.isdigit() and 4 <= len(value) <= 8 and text.count(value) >= 1
+            found += 1
+    assert found >= 10

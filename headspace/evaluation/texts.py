@@ -9,8 +9,10 @@ text throughout. Two grammars, written once and kept fixed:
 * :data:`TOWN` - everyday life in a small town, the main evaluation's varied haystack;
 * :data:`LOGBOOK` - a ship's log, only for the held-out prompt family.
 
-Neither shares text with the retaining heads' training corpus (Python docstrings and
-license files, :mod:`headspace.eviction.retaining.corpus`) nor with each other.
+Neither shares text with the retaining heads' training corpus (Python docstrings, license
+files and the corpus's own prose grammars, :mod:`headspace.eviction.retaining.corpus`;
+``tests/test_training_prose.py`` checks patterns, phrases and fact wordings) nor with each
+other.
 """
 
 from __future__ import annotations

@@ -1,11 +1,20 @@
-"""Offline training data for retaining heads: English text found on the machine, with synthetic needles.
+"""Offline training data for retaining heads: English text found on the machine, needles, and generated prose.
 
-Half the sequences are plain text (docstrings of Python's standard library, license
-texts in ``/usr/share/common-licenses`` and copyright files under ``/usr/share/doc``),
-half synthetic retrieval tasks: 1-4 "needles" (a key and a number, in templates
-deliberately worded unlike the evaluation's) spliced into that text, followed by a
-question and its answer, so that the frozen model's retrieval attention from the
-answer to the needle is part of the targets.
+Three kinds of sequences (shares set by :func:`corpus_sequences`):
+
+* plain text: docstrings of Python's standard library, license texts in
+  ``/usr/share/common-licenses`` and copyright files under ``/usr/share/doc``;
+* needles spliced into that text (:func:`synthetic_retrieval`): 1-4 keys and numbers
+  in templates deliberately worded unlike the evaluation's, then a question and its answer;
+* facts in varied prose (:func:`prose_retrieval`): sentences of training-only grammars
+  (:data:`PROSE`) that never repeat, with 1-4 facts (:data:`FACTS`: numbers of 4-9
+  digits, codes with letters, names) each stated once, then questions about 1-3 of them
+  with their answers. Against spliced needles, which stand out from docstrings by their
+  very form, these teach the heads what matters in a real document: a fact stated once
+  in unremarkable text. Each sequence names its values' token spans (:class:`TrainingSequence`)
+  so that their tokens are trained to be kept whole.
+
+The frozen model's attention from each answer to its fact is part of the targets.
 """
 
 from __future__ import annotations
@@ -21,6 +30,15 @@ import torch
 
 from headspace.errors import HeadspaceError
 from headspace.prompts import Grammar, SentenceStream
+
+
+@dataclass
+class TrainingSequence:
+    """Token ids and the ``spans`` (start, stop) of the values the sequence states and later asks about: the
+    tokens a retaining head must keep or drop together (:func:`headspace.eviction.retaining.train.capture`)."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 def stdlib_docstrings(limit_chars: int = 4_000_000) -> list[str]:
@@ -82,8 +100,9 @@ _NEEDLE_TEMPLATES = (
 )
 
 
-def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: random.Random) -> list[int]:
-    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer."""
+def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: random.Random) -> TrainingSequence:
+    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer;
+    the spans of the needles' numbers where their tokens are found in the needle's."""
     statement, question, answer = rng.choice(_NEEDLE_TEMPLATES)
     keys = rng.sample(_NEEDLE_WORDS, rng.randint(1, 4))
     keys = [f"{k}-{rng.choice(_NEEDLE_WORDS)}" if rng.random() < 0.5 else k for k in keys]
@@ -91,16 +110,30 @@ def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: ran
     asked = rng.randrange(len(keys))
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     needles = [encode(" " + statement.format(key=k, value=v) + " ") for k, v in zip(keys, values)]
+    inner = [find(needle, encode(value)) for needle, value in zip(needles, values)]
     ending = encode("\n" + question.format(key=keys[asked]) + " " + answer.format(key=keys[asked], value=values[asked]))
     room = seq_len - len(ending) - sum(map(len, needles))
     body = list(filler_ids[: max(room, 0)])
     ends = [i + 1 for i, t in enumerate(body) if "." in tokenizer.decode([t])] or [len(body)]
-    for needle in needles:
+    spans: list[tuple[int, int]] = []
+    for needle, value in zip(needles, inner):
         at = rng.choice(ends)
         body[at:at] = needle
         ends = [e + len(needle) if e >= at else e for e in ends]
-    return (body + ending)[-seq_len:]
+        spans = [(a + len(needle), b + len(needle)) if a >= at else (a, b) for a, b in spans]
+        if value is not None:
+            spans.append((at + value[0], at + value[1]))
+    ids = body + ending
+    cut = max(len(ids) - seq_len, 0)
+    return TrainingSequence(ids[cut:], [(a - cut, b - cut) for a, b in spans if a >= cut])
 
+
+def find(ids: list[int], part: list[int]) -> tuple[int, int] | None:
+    """Where ``part`` first occurs in ``ids``: (start, stop), or None."""
+    for start in range(len(ids) - len(part) + 1):
+        if ids[start : start + len(part)] == part:
+            return start, start + len(part)
+    return None
 
 
 # -- varied prose with facts: training-only grammars and fact wordings ------------------------------------
@@ -254,15 +287,6 @@ def fact_value(rng: random.Random) -> str:
     return rng.choice(FACT_NAMES)
 
 
-@dataclass
-class TrainingSequence:
-    """Token ids and the ``spans`` (start, stop) of the values the sequence states and later asks about: the
-    tokens a retaining head must keep or drop together (:func:`headspace.eviction.retaining.train.capture`)."""
-
-    ids: list[int]
-    spans: list[tuple[int, int]] = field(default_factory=list)
-
-
 def prose_retrieval(tokenizer, seq_len: int, rng: random.Random) -> TrainingSequence:
     """A training sequence: generated prose with 1-4 facts stated once each, then questions about 1-3 of them,
     each followed by its answer, after at least a few sentences of prose."""
@@ -333,11 +357,11 @@ def corpus_sequences(tokenizer, seq_len: int = 1024, seed: int = 0, synthetic: f
         draw = rng.random()
         if draw < prose:
             sequence = prose_retrieval(tokenizer, seq_len - len(bos), rng)
-            yield TrainingSequence(bos + sequence.ids, [(a + len(bos), b + len(bos)) for a, b in sequence.spans])
         elif draw < prose + synthetic:
-            yield TrainingSequence(bos + synthetic_retrieval(tokenizer, take(seq_len), seq_len - len(bos), rng))
+            sequence = synthetic_retrieval(tokenizer, take(seq_len), seq_len - len(bos), rng)
         else:
-            yield TrainingSequence(bos + take(seq_len - len(bos)))
+            sequence = TrainingSequence(take(seq_len - len(bos)))
+        yield TrainingSequence(bos + sequence.ids, [(a + len(bos), b + len(bos)) for a, b in sequence.spans])
 
 
 def random_sequences(vocab_size: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:

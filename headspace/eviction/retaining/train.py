@@ -136,7 +136,10 @@ class TrainConfig:
     whole; ``group_pool``, how a KV head's target pools its query group (max, the
     paper's, or mean); ``weight_decay`` of AdamW (0: plain Adam). ``smooth`` max-pools the
     targets over neighbouring tokens and ``gap`` skips the nearest later queries (see
-    :mod:`headspace.eviction.retaining.heads`). The defaults are the shipped SmolLM2 heads'.
+    :mod:`headspace.eviction.retaining.heads`). The data: a ``synthetic`` share of needles
+    spliced into offline text and a ``prose`` share of facts in generated prose (the rest
+    plain text; :func:`~headspace.eviction.retaining.corpus.corpus_sequences`), with
+    ``span_targets`` giving every token of a stated value the value's largest target.
     """
 
     steps: int = 120

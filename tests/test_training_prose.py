@@ -156,3 +156,12 @@ def test_spliced_needles_name_the_spans_of_their_numbers(byte_tokenizer):
             assert value.isdigit() and 4 <= len(value) <= 8 and text.count(value) >= 1
             found += 1
     assert found >= 10
+
+
+def test_train_retaining_refuses_shares_above_one_in_one_line(tmp_path, capsys):
+    from headspace.commands import main
+
+    code = main(["train-retaining", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "h.safetensors"),
+                 "--synthetic", "0.7", "--prose", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("headspace: error: ") and "add up to" in err[0]

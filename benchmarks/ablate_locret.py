@@ -69,7 +69,8 @@ def train_variants(name: str, base: TrainConfig, heads_dir: Path, device: str) -
             model, tokenizer = load_model(name, device=device, dtype=torch.float32)
         start = time.perf_counter()
         heads, losses = train_retaining_heads(model, corpus_sequences(tokenizer, config.seq_len, config.seed,
-                                                                      config.synthetic), config, progress=True)
+                                                                      config.synthetic, config.prose), config,
+                                              progress=True)
         out[variant] = {"path": str(path), "final_loss": losses[-1], "seconds": time.perf_counter() - start,
                         "config": dataclasses.asdict(config), "model": name, "variant": variant}
         heads.save(path, recipe=out[variant])

@@ -52,7 +52,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--updates", type=positive_int, default=defaults.updates, metavar="N",
                         help=f"Adam updates per sequence (default {defaults.updates})")
     parser.add_argument("--synthetic", type=float_in(0.0, 1.0), default=defaults.synthetic, metavar="P",
-                        help=f"share of synthetic retrieval sequences (default {defaults.synthetic})")
+                        help=f"share of needles spliced into offline text (default {defaults.synthetic})")
+    parser.add_argument("--prose", type=float_in(0.0, 1.0), default=defaults.prose, metavar="P",
+                        help="share of facts stated in generated prose and asked at the end (training-only "
+                             f"grammars; default {defaults.prose})")
     parser.add_argument("--seed", type=int, default=defaults.seed, metavar="S", help="data and init seed")
     recipe = parser.add_argument_group("recipe (the Locret paper: --smoothness 0.0025 --lr 5e-4 --steps 3000)")
     recipe.add_argument("--loss", choices=LOSSES, default=defaults.loss,
@@ -66,6 +69,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"max-pool the targets over N neighbouring tokens (default {defaults.smooth}; 1: off)")
     recipe.add_argument("--gap", type=non_negative_int, default=defaults.gap, metavar="N",
                         help=f"targets ignore the N nearest later queries (default {defaults.gap})")
+    recipe.add_argument("--span-targets", action=argparse.BooleanOptionalAction, default=defaults.span_targets,
+                        help="every token of a stated value gets the value's largest target, so values are kept "
+                             f"whole (default {'on' if defaults.span_targets else 'off'})")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser
@@ -76,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dtype not in (None, "float32"):
         raise HeadspaceError("retaining heads are trained against the float32 model: drop --dtype")
     config = TrainConfig(steps=args.steps, seq_len=args.seq_len, lr=args.lr, hidden=args.hidden,
-                         updates=args.updates, synthetic=args.synthetic, seed=args.seed, loss=args.loss,
+                         updates=args.updates, synthetic=args.synthetic, prose=args.prose, seed=args.seed,
+                         loss=args.loss, span_targets=args.span_targets,
                          smoothness=args.smoothness, group_pool=args.group_pool, smooth=args.smooth, gap=args.gap,
                          weight_decay=args.weight_decay)
     path = train_for_model(args.model, args.out, config, device=str(device), command=train_command())
@@ -97,9 +104,10 @@ def train_for_model(model_name: str, out: str | os.PathLike, config: TrainConfig
     if tokenizer is None:
         sequences: Iterable = random_sequences(model.config.vocab_size, config.seq_len, config.seed)
     else:
-        sequences = corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic)
+        sequences = corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic, config.prose)
     heads, losses = train_retaining_heads(model, sequences, config, progress=progress)
     recipe = {**asdict(config), "model": model_name, "final_loss": round(losses[-1], 5),
               "first_loss": round(losses[0], 5), "data": "stdlib docstrings + /usr/share licenses/copyright, "
-              f"{config.synthetic:.0%} synthetic needle retrieval", "command": command or train_command()}
+              f"{config.synthetic:.0%} needles spliced into them, {config.prose:.0%} facts in generated prose",
+              "command": command or train_command()}
     return heads.save(out, recipe=recipe)

@@ -9,27 +9,17 @@ text throughout. Two grammars, written once and kept fixed:
 * :data:`TOWN` - everyday life in a small town, the main evaluation's varied haystack;
 * :data:`LOGBOOK` - a ship's log, only for the held-out prompt family.
 
-Neither shares text with the retaining heads' training corpus (Python docstrings and
-license files, :mod:`headspace.eviction.retaining.corpus`) nor with each other.
+Neither shares text with the retaining heads' training corpus (Python docstrings, license
+files and the corpus's own prose grammars, :mod:`headspace.eviction.retaining.corpus`;
+``tests/test_training_prose.py`` checks patterns, phrases and fact wordings) nor with each
+other.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+from headspace.prompts import Grammar, SentenceStream
 
-
-@dataclass(frozen=True)
-class Grammar:
-    """Sentence patterns (``str.format`` fields) and the word list each field draws from."""
-
-    patterns: tuple[str, ...]
-    words: dict[str, tuple[str, ...]]
-
-    def sentence(self, rng: random.Random) -> str:
-        pattern = rng.choice(self.patterns)
-        text = pattern.format(**{name: rng.choice(options) for name, options in self.words.items()})
-        return text[0].upper() + text[1:]
+__all__ = ["LOGBOOK", "TOWN", "Grammar", "SentenceStream"]
 
 
 TOWN = Grammar(
@@ -92,20 +82,3 @@ LOGBOOK = Grammar(
                  "turned slowly to the east", "rode at anchor in the bay", "reduced sail", "kept clear of the shoals"),
     },
 )
-
-
-class SentenceStream:
-    """Distinct sentences of ``grammar`` in a seeded order; ``take(n)`` is always a prefix of ``take(n + 1)``."""
-
-    def __init__(self, grammar: Grammar, seed: str | int):
-        self.grammar, self.rng = grammar, random.Random(seed)
-        self.sentences: list[str] = []
-        self.seen: set[str] = set()
-
-    def take(self, count: int) -> list[str]:
-        while len(self.sentences) < count:
-            sentence = self.grammar.sentence(self.rng)
-            if sentence not in self.seen:
-                self.seen.add(sentence)
-                self.sentences.append(sentence)
-        return self.sentences[:count]

@@ -26,7 +26,10 @@ Design (this module's own implementation):
   every token look important, while eviction only matters once a token has left the
   stabilizer window of recent tokens that is always kept. The max is max-pooled over
   ``smooth`` neighbouring tokens (so spans such as multi-token numbers are kept
-  whole) and mapped to ``log(p + 1e-4)``. The last
+  whole) and mapped to ``log(p + 1e-4)``. Where the training data knows a value's
+  tokens (a fact stated in its prose), every one of them gets the largest target of the
+  value (``span_targets``): a number is useful only whole, so its digits are kept or
+  dropped together. The last
   ``tail`` positions of a training sequence are left out of the loss: too few later
   queries exist there for the max to mean anything.
 * **Loss**: smooth L1 on the log targets, averaged over layers and KV heads (MSE as an
@@ -39,12 +42,18 @@ Training recipe (what ``headspace train-retaining`` runs): the backbone is froze
 one training sequence per step is run through it with an eager attention function
 (:func:`capture_attention`) that records the features and targets; the tokens go to
 a replay buffer, and each step makes ``updates`` Adam updates on random buffer
-minibatches. Half the sequences are offline English text (docstrings of Python's
-standard library, license texts in ``/usr/share/common-licenses`` and copyright
-files under ``/usr/share/doc``), half synthetic retrieval tasks: 1-4 "needles"
-(a key and a number, in templates deliberately worded unlike the evaluation's)
-spliced into that text, followed by a question and its answer, so that the frozen
-model's retrieval attention from the answer to the needle is part of the targets.
+minibatches. The sequences (:mod:`headspace.eviction.retaining.corpus`): offline
+English text (docstrings of Python's standard library, license texts in
+``/usr/share/common-licenses`` and copyright files under ``/usr/share/doc``); a
+``synthetic`` share with 1-4 "needles" (a key and a number) spliced into that text; and a
+``prose`` share of generated varied prose (five training-only grammars: a lab notebook,
+a sports recap, a kitchen journal, a railway diary, a botanist's notes) stating 1-4 facts
+once each (eight wordings; numbers of 4-9 digits, codes with letters, names). Both end
+in questions about 1-3 of the facts, each followed by its answer, so that the frozen
+model's retrieval attention from the answer to the fact is part of the targets. The
+prose teaches what the spliced needles could not: in varied text, where no sentence
+stands out by its form, a fact stated once is still what a later question reads. Every
+template is worded unlike the evaluation's, whose texts the heads never see.
 """
 
 from __future__ import annotations

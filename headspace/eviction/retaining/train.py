@@ -24,6 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from headspace.errors import HeadspaceError
+from headspace.eviction.retaining.corpus import TrainingSequence
 from headspace.eviction.retaining.heads import TARGET_EPS, HeadsSpec, RetainingHeads, RopeInverse
 from headspace.shape import ModelShape
 
@@ -40,6 +41,7 @@ class Capture:
     tail: int = 192
     gap: int = 64
     group_pool: str = "max"  # how a KV head's target pools its query group: "max" (Locret) or "mean"
+    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, stop) of tokens kept or dropped together
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -53,6 +55,8 @@ class Capture:
         best = grouped.amax(dim=2) if self.group_pool == "max" else grouped.mean(dim=2)  # over the query group
         if self.smooth > 1:
             best = F.max_pool1d(best, self.smooth, stride=1, padding=self.smooth // 2)
+        for start, stop in self.spans:  # a value is useful only whole: each of its tokens matters as its best one
+            best[..., start:stop] = best[..., start:stop].amax(dim=-1, keepdim=True)
         target = torch.log(best + TARGET_EPS)
         keep = max(length - min(self.tail, length // 4), 1)  # leave out tokens with few later queries
         q, k = self.rope(query, 0), self.rope(keys, 0)
@@ -99,11 +103,13 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, lambda *args, **kwargs: None)
 
 @torch.no_grad()
 def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: int = 192, gap: int = 64,
-            rope: RopeInverse | None = None, group_pool: str = "max") -> tuple[torch.Tensor, torch.Tensor]:
+            rope: RopeInverse | None = None, group_pool: str = "max",
+            spans: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` on ``ids`` (1, L); return features (layers, N, F) and targets (layers, N, Hk)
     of its full-attention layers (``ModelShape.full_attention_layers``, in order): sliding-window layers
-    keep their window and are never scored, so they are not trained."""
-    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool)
+    keep their window and are never scored, so they are not trained. Each of ``spans`` (start, stop), the
+    tokens of a value, gets the span's largest target on every token: kept whole or not at all."""
+    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(spans or []))
     previous = model.config._attn_implementation
     token = _capture.set(state)
     try:
@@ -130,7 +136,10 @@ class TrainConfig:
     whole; ``group_pool``, how a KV head's target pools its query group (max, the
     paper's, or mean); ``weight_decay`` of AdamW (0: plain Adam). ``smooth`` max-pools the
     targets over neighbouring tokens and ``gap`` skips the nearest later queries (see
-    :mod:`headspace.eviction.retaining.heads`). The defaults are the shipped SmolLM2 heads'.
+    :mod:`headspace.eviction.retaining.heads`). The data: a ``synthetic`` share of needles
+    spliced into offline text and a ``prose`` share of facts in generated prose (the rest
+    plain text; :func:`~headspace.eviction.retaining.corpus.corpus_sequences`), with
+    ``span_targets`` giving every token of a stated value the value's largest target.
     """
 
     steps: int = 120
@@ -144,6 +153,8 @@ class TrainConfig:
     tail: int = 192
     gap: int = 64
     synthetic: float = 0.5
+    prose: float = 0.0
+    span_targets: bool = True
     seed: int = 0
     loss: str = "smooth_l1"
     smoothness: float = 0.0
@@ -155,6 +166,9 @@ class TrainConfig:
             raise HeadspaceError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.group_pool not in GROUP_POOLS:
             raise HeadspaceError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got '{self.group_pool}'")
+        if not (0 <= self.synthetic and 0 <= self.prose and self.synthetic + self.prose <= 1):
+            raise HeadspaceError(f"the synthetic ({self.synthetic}) and prose ({self.prose}) shares must be "
+                                 "non-negative and add up to at most 1")
         if self.smoothness < 0 or self.weight_decay < 0:
             raise HeadspaceError(f"smoothness and weight_decay must be non-negative, got {self.smoothness} and "
                                  f"{self.weight_decay}")
@@ -204,7 +218,7 @@ class ReplayBuffer:
 
 def train_retaining_heads(
     model: PreTrainedModel,
-    sequences: Iterable[torch.Tensor],
+    sequences: Iterable[torch.Tensor | TrainingSequence],
     config: TrainConfig | None = None,
     progress: bool = False,
     on_step: Callable[[int, float], None] | None = None,
@@ -237,11 +251,13 @@ def train_retaining_heads(
     iterator = iter(sequences)
     for step in range(config.steps):
         try:
-            ids = next(iterator)
+            item = next(iterator)
         except StopIteration:
             break
+        ids, spans = (item.ids, item.spans) if isinstance(item, TrainingSequence) else (item, [])
         ids = torch.as_tensor(ids).reshape(1, -1)
-        x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool)
+        x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool,
+                       spans if config.span_targets else [])
         if step == 0:
             heads.mean[layers] = x.mean(dim=1)
             heads.std[layers] = x.std(dim=1).clamp_min(1e-3)

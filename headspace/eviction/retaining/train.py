@@ -154,7 +154,7 @@ class TrainConfig:
     gap: int = 64
     synthetic: float = 0.5
     prose: float = 0.0
-    span_targets: bool = True
+    span_targets: bool = False
     seed: int = 0
     loss: str = "smooth_l1"
     smoothness: float = 0.0

@@ -65,6 +65,14 @@ def _split(query, keys, values, position, acc, top_out, total_out, HEADS, FIRST,
         out = out * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
         total = total * rescale + tl.sum(weights, 1)
         top = new_top
+    store_partials(acc, top_out, total_out, out, top, total, pair, split, offs_r, offs_d, live_r, RATIO, DIM)
+
+
+@triton.jit
+def store_partials(acc, top_out, total_out, out, top, total, pair, split, offs_r, offs_d, live_r,
+                   RATIO: tl.constexpr, DIM: tl.constexpr):
+    """Store one split's unnormalized output, running maximum and total for the query heads of its pair, at the
+    rows ``(pair * splits + split) * RATIO + r`` that the merge reads."""
     row = (pair * tl.num_programs(1) + split) * RATIO + offs_r
     tl.store(acc + row[:, None] * DIM + offs_d[None, :], out, mask=live_r[:, None])
     tl.store(top_out + row, top, mask=live_r)
@@ -104,11 +112,13 @@ def _units(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def splits_of(pairs: int, slots: int, device: torch.device) -> tuple[int, int]:
-    """(splits, slots per split) over ``slots``: enough programs to fill the GPU, each at least
-    :data:`MIN_BLOCKS` blocks; fixed by the slot count, so a graph replays the same grid at every position."""
-    splits = max(1, min(-(-SPLITS_PER_UNIT * _units(device) // pairs), -(-slots // (MIN_BLOCKS * BLOCK))))
-    per_split = -(-slots // (splits * BLOCK)) * BLOCK
+def splits_of(pairs: int, slots: int, device: torch.device, per_unit: int = SPLITS_PER_UNIT,
+              block: int = BLOCK) -> tuple[int, int]:
+    """(splits, slots per split, a multiple of ``block``) over ``slots``: up to ``per_unit`` programs per
+    multiprocessor, each at least :data:`MIN_BLOCKS` blocks; fixed by the slot count, so a graph replays the
+    same grid at every position."""
+    splits = max(1, min(-(-per_unit * _units(device) // pairs), -(-slots // (MIN_BLOCKS * block))))
+    per_split = -(-slots // (splits * block)) * block
     return -(-slots // per_split), per_split
 
 

@@ -10,18 +10,18 @@ base 2. The splits' partial outputs are merged by their log-sum-exp afterwards.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from headspace.attention.triton_decode import splits_of, store_partials
 from headspace.kv.quant.schemes import Grouped, PerToken, Scheme
 
 BLOCK = 64  # tokens a program reads per step: two KIVI key groups (measured on the H100 with WARPS)
 WARPS = 2  # warps per program
-SPLITS_PER_UNIT = 16  # programs per multiprocessor
+SPLITS_PER_UNIT = 16  # programs per multiprocessor, at most (small programs, many loads in flight)
 
 
 @triton.jit
@@ -119,10 +119,7 @@ def decode(query, key_rows, value_rows, acc, top_out, total_out, HEADS, N, PER_S
         out = out * rescale[:, None] + part
         total = total * rescale + tl.sum(weights, 1)
         top = new_top
-    row = (pair * tl.num_programs(1) + split) * RATIO + offs_r
-    tl.store(acc + row[:, None] * DIM + offs_d[None, :], out, mask=live_r[:, None])
-    tl.store(top_out + row, top, mask=live_r)
-    tl.store(total_out + row, total, mask=live_r)
+    store_partials(acc, top_out, total_out, out, top, total, pair, split, offs_r, offs_d, live_r, RATIO, DIM)
 
 
 def _layout(scheme: Scheme, dim: int) -> dict:
@@ -136,18 +133,6 @@ def _layout(scheme: Scheme, dim: int) -> dict:
     raise ValueError(f"no quantized-attention kernel for the '{scheme.name}' scheme")
 
 
-@functools.cache
-def _units(device: torch.device) -> int:
-    """Programs the device runs at once, about: its multiprocessors (a few for the interpreter on a CPU)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def _splits(programs: int, tokens: int, device: torch.device) -> int:
-    """Splits of the key axis: enough programs to fill the GPU about sixteen times over (small programs, many
-    loads in flight), each at least 8 blocks."""
-    return max(1, min(-(-SPLITS_PER_UNIT * _units(device) // programs), -(-tokens // (8 * BLOCK))))
-
-
 def attend(query: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor, scheme: Scheme,
            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`~headspace.kv.quant.attend.quantized_decode_lse` on the kernel: its arguments, its results."""
@@ -156,9 +141,7 @@ def attend(query: torch.Tensor, key_rows: torch.Tensor, value_rows: torch.Tensor
     for rows in (key_rows, value_rows):
         if rows.stride(3) != 1 or rows.stride(2) != width:
             raise ValueError("quantized rows must be contiguous within a head")
-    splits = _splits(batch * heads, tokens, query.device)
-    per_split = -(-tokens // (splits * BLOCK)) * BLOCK
-    splits = -(-tokens // per_split)
+    splits, per_split = splits_of(batch * heads, tokens, query.device, per_unit=SPLITS_PER_UNIT, block=BLOCK)
     acc = torch.empty(batch, heads, splits, ratio, dim, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, batch, heads, splits, ratio, dtype=torch.float32, device=query.device)
     query = query.contiguous()

@@ -75,6 +75,7 @@ class Cell:
     gpu_heads: list[int] | None = None  # resident KV heads per full-attention layer (offload)
     total_heads: int | None = None  # KV heads of all full-attention layers
     host_heads: list[int] | None = None  # per full-attention layer, offloaded heads attended on the host in decode
+    host_share: float = 0.0  # of the positions of every streamed head, attended on the host in decode
     group_heads: int | None = None  # offloaded heads streamed per step
     placement: str | None = None  # the cache's own one-line account of the above
     cpu_heads: int | str = 0  # host heads in the layer offloading the most; for "auto", the split found
@@ -187,6 +188,7 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
         cell.total_heads = sum(layer.heads for layer in layers)
         cell.host_heads = [layer.cpu_heads for layer in layers]
         cell.cpu_heads = max(cell.host_heads)  # for "auto", the split found
+        cell.host_share = max(layer.host_share for layer in layers)
         cell.group_heads = max(min(layer.group_heads, layer.offloaded) for layer in layers)
         cell.placement = placement_of(cache)
     if engine.mode.name in ("full", "offload"):  # where every byte a step reads is known
@@ -219,8 +221,8 @@ def warm_up(engine: Engine) -> None:
 def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
     """This machine's limits, measured in the same run as the cells: the device memory's rate (a
     device-to-device copy, counting the bytes read and the bytes written), pinned host-to-device and
-    device-to-host copy rates, and the rate at which the host CPU attends KV (what the host side of
-    decode can add). The decode bound (:func:`decode_bound`) takes the first, second and last."""
+    device-to-host copy rates, and the rate at which the host CPU attends KV while copies stream (what the
+    host side of decode can add). The decode bound (:func:`decode_bound`) takes the first, second and last."""
     ceilings = {}
     if device.type == "cuda":
         host = host_empty((gib * GIB // 2,), torch.bfloat16, pin=True)
@@ -230,7 +232,7 @@ def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
         for name, dst, src, moved in copies:
             ceilings[name] = moved * copy_rate(dst, src, device)
         del host, dev, other
-    ceilings["host_attention_bytes_per_s"] = host_attention_rate()
+    ceilings["host_attention_bytes_per_s"] = host_attention_rate(device)
     return ceilings
 
 
@@ -328,13 +330,20 @@ HEADER = (f"{'mode':<30}{'context':>9}{'setup s':>9}{'prefill tok/s':>15}{'decod
           f"{'of bound':>10}{'peak GPU GiB':>14}{'KV dev GiB':>12}{'KV host GiB':>13}{'GPU heads':>11}  note")
 
 
+def split_found(cell: Cell) -> str:
+    """What the host attends in decode: a share of the positions, or whole heads."""
+    if cell.host_share:
+        return f"the first {cell.host_share:.0%} of positions on the host"
+    return f"{cell.cpu_heads} host heads"
+
+
 def row(cell: Cell) -> str:
     def num(value, fmt):
         return format(value, fmt) if value is not None else "-"
 
     heads = f"{sum(cell.gpu_heads)}/{cell.total_heads}" if cell.gpu_heads is not None else None
     notes = [f"synthetic prefix {cell.synthetic_prefix}" if cell.synthetic_prefix else "",
-             f"split found: {cell.cpu_heads} host heads in {cell.search_steps} steps" if cell.search_steps else ""]
+             f"split found: {split_found(cell)} in {cell.search_steps} steps" if cell.search_steps else ""]
     note = cell.error or ", ".join(n for n in notes if n)
     return (f"{cell.mode:<30}{cell.context:>9}{num(cell.setup_seconds, '.2f'):>9}"
             f"{num(cell.prefill_tokens_per_s, ',.0f'):>15}"

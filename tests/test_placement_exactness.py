@@ -79,8 +79,12 @@ def test_per_layer_plans_equal_full(references, name, gpu_heads, group_heads, cp
     assert tuple(layer.gpu_heads for layer in layers) == gpu_heads
     kv_heads = layers[0].heads
     most = kv_heads - min(gpu_heads)
-    split = run.cache.split.current if cpu_heads == "auto" else cpu_heads
-    assert [layer.cpu_heads for layer in layers] == [layer_share(split, kv_heads - g, most) for g in gpu_heads]
+    if cpu_heads == "auto":  # exact host tiers: a share of every streamed head's positions, the same in each layer
+        split = run.cache.split
+        assert split.shares and all(layer.host_share == split.current / split.most and layer.cpu_heads == 0
+                                    for layer in layers)
+    else:
+        assert [layer.cpu_heads for layer in layers] == [layer_share(cpu_heads, kv_heads - g, most) for g in gpu_heads]
     row = 2 * ModelShape.of(model.config).head_dim * 4
     reserved = PROMPT_TOKENS + NEW_TOKENS
     assert run.generation.stats.host_kv_bytes == sum(kv_heads - g for g in gpu_heads) * row * reserved

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_logits_equal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from headspace.engine.engine import Engine
 from headspace.errors import HeadspaceError
 from headspace.kv.layers import OffloadLayer
-from headspace.kv.split import SplitSearch
+from headspace.kv.split import SHARE_STEPS, SplitSearch
 
 
 def run_search(search: SplitSearch, step_time) -> list[int]:
@@ -41,7 +42,7 @@ def test_search_finds_the_split_where_both_sides_finish_together(heads, host, st
 
 
 def test_search_tries_each_split_once_and_takes_the_fastest_of_its_steps():
-    times = {2: [5.0, 3.0], 3: [2.5, 9.0], 4: [4.0, 4.0]}
+    times = {2: [5.0, 3.0], 3: [2.5, 9.0], 4: [4.0, 4.0], 0: [6.0, 6.0]}
     search = SplitSearch(8, 2, steps_per_trial=2)
     seen = []
     while not search.done:
@@ -49,7 +50,19 @@ def test_search_tries_each_split_once_and_takes_the_fastest_of_its_steps():
         seen.append(n)
         search.record(times[n].pop(0))
     assert search.current == 3  # 2.5 beats 3.0: a slow outlier step does not count against a split
-    assert seen == [2, 2, 3, 3, 4, 4]
+    assert seen == [2, 2, 3, 3, 4, 4, 0, 0]  # nothing on the host is tried last
+
+
+@given(most=st.integers(1, 16), start=st.integers(0, 16), wait=st.floats(0.6, 2))
+def test_a_fixed_cost_of_any_host_part_ends_the_search_at_none(most, start, wait):
+    """Each host unit takes work off the copies but any host part costs ``wait`` more than it saves: the climb
+    alone would stop at a local best; the search ends with nothing on the host."""
+    def step_time(n):
+        return float(most) if n == 0 else max(n * 0.9, most - n) + most * wait  # wait: of a step without host
+
+    search = SplitSearch(most, start)
+    run_search(search, step_time)
+    assert search.current == 0
 
 
 def test_nothing_to_split_is_done_at_once():
@@ -64,6 +77,7 @@ def tiny_llama():
 
 
 def test_auto_split_changes_the_split_during_decode_and_stays_exact():
+    """An exact host tier: the search is over a host share of every streamed head's positions."""
     model = tiny_llama()
     ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(5))
     full = Engine(model, None, mode="full").generate(ids, max_new_tokens=24, stop_on_eos=False)
@@ -73,7 +87,7 @@ def test_auto_split_changes_the_split_during_decode_and_stays_exact():
 
     def spy(layer, *args, **kwargs):
         if args[0].shape[2] == 1 and layer is first[0]:
-            splits.append(layer.cpu_heads)
+            splits.append(layer.host_share)
         return real_update(layer, *args, **kwargs)
 
     cache = engine.new_cache(100)
@@ -87,9 +101,47 @@ def test_auto_split_changes_the_split_during_decode_and_stays_exact():
     finally:
         OffloadLayer.update = real_update
     assert tokens == full.token_ids
-    assert cache.split.done
+    assert cache.split.done and cache.split.shares and cache.split.most == SHARE_STEPS
     assert len(set(splits)) > 1  # the search moved the split and every split gave the same tokens
-    assert all(layer.cpu_heads == cache.split.current for layer in cache.layers)
+    assert all(layer.host_share == cache.split.current / SHARE_STEPS and layer.cpu_heads == 0
+               for layer in cache.layers)
+
+
+@pytest.mark.parametrize(("share", "cpu_heads"), [(0.3, 0), (1.0, 0), (0.5, 2), (0.01, 7)])
+def test_a_host_share_of_positions_decodes_the_logits_of_full(share, cpu_heads):
+    """The host attends the first positions of every streamed head (and ``cpu_heads`` whole heads), the rest is
+    streamed, the two merged by log-sum-exp: every step's logits are full's, as the share meets new tokens."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 70), generator=torch.Generator().manual_seed(6))
+    full = Engine(model, None, mode="full")
+    engine = Engine(model, None, mode="offload", gpu_heads=1, cpu_heads=cpu_heads, chunk_size=32)
+    full_logits, full_cache = full.prefill(ids)
+    logits, cache = engine.prefill(ids)
+    for layer in cache.layers:
+        layer.set_host_share(share)
+    assert "first" in cache.describe() and "of the positions of each streamed head" in cache.describe()
+    token = int(full_logits.argmax())
+    for _ in range(6):
+        expected = full.decode_step(token, full_cache)
+        assert_logits_equal(engine.decode_step(token, cache), expected)
+        token = int(expected.argmax())
+
+
+def test_a_host_share_is_checked():
+    model = tiny_llama()
+    layer = Engine(model, None, mode="offload", gpu_heads=1).new_cache(10).layers[0]
+    with pytest.raises(HeadspaceError, match="host share must be between 0 and 1"):
+        layer.set_host_share(1.5)
+    quantized = Engine(model, None, mode="offload", gpu_heads=1, kv_dtype="int8").new_cache(10).layers[0]
+    with pytest.raises(HeadspaceError, match="needs an exact host tier"):
+        quantized.set_host_share(0.5)
+
+
+def test_auto_split_over_a_quantized_host_tier_counts_heads():
+    model = tiny_llama()
+    cache = Engine(model, None, mode="offload", gpu_heads=1, cpu_heads="auto", kv_dtype="int8").new_cache(10)
+    assert not cache.split.shares and cache.split.most == 7
+    assert all(layer.host_share == 0 and layer.cpu_heads == cache.split.current for layer in cache.layers)
 
 
 def test_bad_cpu_heads_is_refused():

@@ -203,10 +203,14 @@ def test_the_split_search_starts_where_the_measured_rates_balance(most, host, pc
 def test_offload_cache_starts_its_search_at_the_predicted_split(tiny_models):
     shape = ModelShape.of(tiny_models.model("llama").config)  # 4 KV heads, 2 layers
     options = OffloadOptions(gpu_heads=0, cpu_heads="auto")
-    for rates, start in (((30.0, 10.0), 3), ((10.0, 30.0), 1)):
+    for rates, start in (((30.0, 10.0), 12), ((10.0, 30.0), 4)):  # host share in sixteenths: 3/4 and 1/4
         cache = offload_cache(shape, torch.device("cpu"), torch.float32, options, 1, rates=rates)
         assert isinstance(cache.split, SplitSearch) and cache.split.current == start
-        assert {layer.cpu_heads for layer in cache.layers} == {start}
+        assert {layer.host_share for layer in cache.layers} == {start / 16}
+    quantized = OffloadOptions(gpu_heads=0, cpu_heads="auto", kv_dtype="int8")  # host heads, of 4 offloaded
+    for rates, start in (((30.0, 10.0), 3), ((10.0, 30.0), 1)):
+        cache = offload_cache(shape, torch.device("cpu"), torch.float32, quantized, 1, rates=rates)
+        assert cache.split.current == start and {layer.cpu_heads for layer in cache.layers} == {start}
 
 
 def test_a_plan_that_offloads_nothing_has_no_split_to_search(tiny_models):

@@ -40,6 +40,7 @@ class AttendingCache(Protocol):
 active_cache: ContextVar[weakref.ref[AttendingCache] | None] = ContextVar("headspace_active_cache", default=None)
 
 
+@torch.compiler.disable  # as the cache's update: compiled decoder layers run around it, never through it
 def headspace_attention(
     module: torch.nn.Module,
     query: torch.Tensor,

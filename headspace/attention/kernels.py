@@ -203,6 +203,14 @@ def split_decode_attention(
     decode query of one or two heads leaves to one or two cores; cutting each span
     into parts (flash-decoding) and merging by log-sum-exp uses them all.
     """
+    return split_decode_lse(query, spans, scaling, splits)[0]
+
+
+def split_decode_lse(
+    query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float, splits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`split_decode_attention` with its log-sum-exp (B, Hk, R) in float32 or above, to be merged with the
+    attention over other positions (:func:`merge_lse`)."""
     batch, heads, ratio, dim = query.shape
     rows = query.reshape(batch * heads, 1, ratio, dim)
     outs, lses = [], []
@@ -221,5 +229,7 @@ def split_decode_attention(
             outs.append(out.to(accumulation(query.dtype)))
             lses.append(lse)
     out, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=1)  # (B*H, parts, R, D), (B*H, parts, R)
-    weights = torch.softmax(lse, dim=1)[..., None]
-    return (out * weights).sum(1).reshape(batch, heads, ratio, dim).to(query.dtype)
+    total = torch.logsumexp(lse, dim=1)
+    weights = torch.exp(lse - total[:, None])[..., None]
+    return ((out * weights).sum(1).reshape(batch, heads, ratio, dim).to(query.dtype),
+            total.reshape(batch, heads, ratio))

@@ -19,12 +19,16 @@ check it token for token against ``full``.
 
 A replayed kernel still costs a few microseconds however little it does, and most of a step's
 kernels are small: transformers' RMSNorm alone is about seven elementwise kernels, twice per
-layer. With ``compile_layers`` the static step runs each decoder layer's weighted submodules
-other than attention (its norms and MLP) through ``torch.compile`` (default mode: fused kernels,
-no CUDA graphs of its own), which the capture then records. They are swapped in around the
-static step only (:class:`CompiledLayers`): prefill, eager decode and other engines of the same
-model run the model as loaded. Attention is left alone: compiled, it would recompile for every
-layer (its layer index is a constant to dynamo) and break at the cache.
+layer, and its rotary embedding about ten. With ``compile_layers`` the static step runs each
+decoder layer through ``torch.compile`` (default mode: fused kernels, no CUDA graphs of its own),
+which the capture then records. The cache stays outside the compiled code: its ``update`` and the
+registered attention function are opaque to dynamo (``torch.compiler.disable``), so each layer
+compiles into the pieces around them (norm, projections and rotary; output projection, residuals,
+norm and MLP), and the layer index, which transformers passes to the cache, is taken as a dynamic
+integer instead of a constant (``allow_unspec_int_on_nn_module``): one set of compiled pieces serves
+every layer instead of one per layer. The layers are swapped in around the static step only
+(:class:`CompiledLayers`): prefill, eager decode and other engines of the same model run the model
+as loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+import torch._dynamo
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -51,29 +56,30 @@ class CaptureError(RuntimeError):
 
 
 class CompiledLayers:
-    """Compiled stand-ins for the submodules of each decoder layer (a module with a ``self_attn`` child) that hold
-    weights and are not that attention: the norms and the MLP. Compiled lazily, on their first call; one compiled
-    graph serves every layer (dynamo takes their weights as inputs), recompiled only for a new input shape."""
+    """Compiled stand-ins for the decoder layers (the modules with a ``self_attn`` child), swapped into their
+    parents while :meth:`active`. Compiled lazily, on their first call; dynamo takes each layer's weights as
+    inputs and its index as a dynamic integer, so the compiled pieces are shared by every layer (one more for
+    layer 0, as dynamo specializes the integers 0 and 1, and one per kind of layer, e.g. sliding or full)."""
 
     def __init__(self, model: PreTrainedModel):
-        layers = [module for module in model.modules() if isinstance(getattr(module, "self_attn", None), nn.Module)]
-        self.swaps = [(layer, name, child, torch.compile(child)) for layer in layers
-                      for name, child in layer.named_children()
-                      if name != "self_attn" and next(child.parameters(), None) is not None]
+        self.swaps = [(parent, name, child, torch.compile(child)) for parent in model.modules()
+                      for name, child in parent.named_children()
+                      if isinstance(getattr(child, "self_attn", None), nn.Module)]
         if not self.swaps:
             raise HeadspaceError(f"compile_layers: no decoder layers with a 'self_attn' module in "
                                  f"{type(model).__name__}")
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """The model runs the compiled submodules inside, the loaded ones again after."""
-        for layer, name, _, compiled in self.swaps:
-            setattr(layer, name, compiled)
+        """The model runs the compiled layers inside, the loaded ones again after."""
+        for parent, name, _, compiled in self.swaps:
+            setattr(parent, name, compiled)
         try:
-            yield
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True):
+                yield
         finally:
-            for layer, name, child, _ in self.swaps:
-                setattr(layer, name, child)
+            for parent, name, child, _ in self.swaps:
+                setattr(parent, name, child)
 
 
 class GraphDecoder:
@@ -82,7 +88,7 @@ class GraphDecoder:
 
     The graph holds no reference to the cache (only to its storage, which the cache keeps): when
     the cache goes, so does the graph at the next step of another cache. ``compile_layers``: the step runs the
-    decoder layers' norms and MLPs compiled (:class:`CompiledLayers`).
+    decoder layers compiled (:class:`CompiledLayers`).
     """
 
     def __init__(self, model: PreTrainedModel, capture: bool, tail: int | None = None, compile_layers: bool = False):

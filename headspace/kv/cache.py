@@ -28,7 +28,7 @@ from headspace.attention.hook import active_cache
 from headspace.errors import HeadspaceError
 from headspace.kv.layers import HeadspaceLayer, OffloadLayer, Phase, WindowLayer
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
-from headspace.kv.split import SplitSearch, layer_share, measured_rates, predicted_split
+from headspace.kv.split import SHARE_STEPS, SplitSearch, layer_share, measured_rates, predicted_split
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.shape import ModelShape
@@ -140,6 +140,7 @@ class HeadspaceCache(Cache):
         self._step_started: float | None = None
         self.static: StaticDecode | None = None  # the static form of decode, once begun (see begin_static)
 
+    @torch.compiler.disable  # compiled layers (engine.graphs.CompiledLayers) break here: the cache stays eager
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if self.static is not None and self.static.running:
             self.layers[layer_idx].update_static(key_states, value_states, self.static)
@@ -164,8 +165,17 @@ class HeadspaceCache(Cache):
             torch.cuda.synchronize(device)  # while searching only: the previous step must really be over
         now = time.perf_counter()
         if self._step_started is not None:
-            self.set_cpu_heads(self.split.record(now - self._step_started))
+            self.set_split(self.split.record(now - self._step_started))
         self._step_started = now
+
+    def set_split(self, value: int) -> None:
+        """Take the host/PCIe split ``value`` of the search: a host share of positions in steps of
+        1/``split.most`` in every layer, or host heads (:meth:`set_cpu_heads`)."""
+        if self.split is not None and self.split.shares:
+            for layer in self._offload_layers:
+                layer.set_host_share(value / self.split.most)
+        else:
+            self.set_cpu_heads(value)
 
     def set_cpu_heads(self, cpu_heads: int) -> None:
         """Attend ``cpu_heads`` offloaded heads on the host in decode in the layer that offloads the most, and
@@ -253,7 +263,8 @@ class HeadspaceCache(Cache):
         return describe_heads(layers[0].device, layers[0].heads, [layer.gpu_heads for layer in layers],
                               max(min(layer.group_heads, layer.offloaded) for layer in layers),
                               [layer.cpu_heads for layer in layers], len(self.layers) - len(layers),
-                              searched=self.split is not None, precision=layers[0].precision)
+                              searched=self.split is not None, precision=layers[0].precision,
+                              host_share=max(layer.host_share for layer in layers))
 
     def rolled_back(self) -> None:
         """Positions were taken back (a kept document after a question): forget what the staging slots hold
@@ -291,10 +302,12 @@ def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, o
     engine plans ``"auto"`` heads and an automatic group size before calling this.
 
     In decode, ``options.cpu_heads`` of the offloaded heads (in the layer that offloads the most) are
-    attended on the host CPU instead of streamed; ``"auto"`` finds the fastest number by timing the
-    first decode steps, starting where the host's attention rate and the PCIe rate balance (``rates``: those two
-    in bytes/s; measured on this machine when not given). A plan that offloads nothing has nothing to split:
-    its cache has no search, and decodes exactly as with ``cpu_heads=0``.
+    attended on the host CPU instead of streamed. ``"auto"`` finds the fastest split by timing the first
+    decode steps, starting where the host's attention rate and the PCIe rate balance (``rates``: those two
+    in bytes/s; measured on this machine when not given): with an exact host tier, a share of the positions
+    of every offloaded head in steps of 1/:data:`~headspace.kv.split.SHARE_STEPS`, otherwise host heads. A plan
+    that offloads nothing has nothing to split: its cache has no search, and decodes exactly as with
+    ``cpu_heads=0``.
     """
     options.check(shape)
     if group_heads < 1:
@@ -311,28 +324,36 @@ def offload_cache(shape: ModelShape, device: torch.device, dtype: torch.dtype, o
     split = None
     if options.cpu_heads == "auto" and most:
         host_rate, pcie_rate = rates or measured_rates(device)
-        split = SplitSearch(most, start=predicted_split(most, host_rate, pcie_rate))
+        shares = options.precision.scheme("host").exact
+        units = SHARE_STEPS if shares else most
+        split = SplitSearch(units, start=predicted_split(units, host_rate, pcie_rate), shares=shares)
     cache = HeadspaceCache(layers, Staging(transfers, device, dtype), split)
-    cache.set_cpu_heads(split.current if split is not None else 0 if options.cpu_heads == "auto" else options.cpu_heads)
+    if split is not None:
+        cache.set_split(split.current)
+    else:
+        cache.set_cpu_heads(0 if options.cpu_heads == "auto" else options.cpu_heads)
     return cache
 
 
 def describe_heads(device: torch.device, kv_heads: int, gpu_heads: Sequence[int], group_heads: int,
                    cpu_heads: Sequence[int] = (), windows: int = 0, searched: bool = False,
-                   precision: KVPrecision = EXACT_KV) -> str:
+                   precision: KVPrecision = EXACT_KV, host_share: float = 0.0) -> str:
     """One line on where the KV heads of the full-attention layers live (``gpu_heads`` per layer on
-    ``device``, the rest in host RAM, streamed ``group_heads`` at a time), how many of the offloaded
-    ones decode attends on the host CPU (``cpu_heads`` per layer; ``searched``: found by timing) and
-    the ``precision`` of the tiers when not exact."""
+    ``device``, the rest in host RAM, streamed ``group_heads`` at a time), what of the offloaded ones decode
+    attends on the host CPU (``cpu_heads`` per layer, and the first ``host_share`` of the positions of the
+    streamed ones; ``searched``: found by timing) and the ``precision`` of the tiers when not exact."""
     where = "the GPU" if device.type == "cuda" else f"the {device.type} device"
     total, resident = kv_heads * len(gpu_heads), sum(gpu_heads)
     parts = [f"{resident} of {total} KV heads on {where} ({_span(gpu_heads)} per layer)"]
     if resident < total:
         parts.append(f"{total - resident} in host RAM ({_span(kv_heads - g for g in gpu_heads)} per layer), "
                      f"streamed {group_heads} at a time")
+    found = ", split found by timing" if searched else ""
     if sum(cpu_heads):
-        parts.append(f"decode attends {sum(cpu_heads)} of them on the host CPU ({_span(cpu_heads)} per layer"
-                     f"{', split found by timing' if searched else ''})")
+        parts.append(f"decode attends {sum(cpu_heads)} of them on the host CPU ({_span(cpu_heads)} per layer{found})")
+    if host_share:
+        parts.append(f"decode attends the first {host_share:.0%} of the positions of each streamed head on the host "
+                     f"CPU{found}")
     if windows:
         parts.append(f"{windows} sliding-window layers on the device")
     if not precision.exact:

@@ -15,8 +15,8 @@ Layers are told the phase (prefill or decode) by the cache; they never guess it 
 from __future__ import annotations
 
 import enum
-import functools
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
+from concurrent.futures import Future
 from typing import NamedTuple
 
 import torch
@@ -28,11 +28,13 @@ from headspace.attention.kernels import (
     masked_decode_attention,
     merge_lse,
     split_decode_attention,
+    split_decode_lse,
 )
 from headspace.errors import HeadspaceError
 from headspace.kv.quant.attend import quantized_decode_lse, triton_available
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.store import QuantizedKV, dequantized_pieces
+from headspace.kv.split import host_worker
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
@@ -205,6 +207,7 @@ class OffloadLayer(HeadspaceLayer):
         quantized = not precision.scheme("gpu").exact
         self.resident_groups = head_groups(gpu_heads, group_heads) if quantized else []
         self.set_cpu_heads(cpu_heads)
+        self.host_share = 0.0  # of the positions of every streamed head, attended on the host in decode
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
         # device-to-host writes: ``written`` of the latest chunk, ``settled`` of those before it. Reads of the
         # positions before the latest chunk only need the older ones, so they need not wait for this layer's KV.
@@ -219,6 +222,23 @@ class OffloadLayer(HeadspaceLayer):
         """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
         self.cpu_heads = min(cpu_heads, self.offloaded)
         self.decode_groups = head_groups(self.offloaded - self.cpu_heads, self.group_heads)
+
+    def set_host_share(self, share: float) -> None:
+        """Attend the first ``share`` of the stored positions of every streamed head on the host in decode, and
+        stream only the rest, merged by log-sum-exp: the host and the copies then share a layer's offloaded KV
+        in any proportion, not a whole head at a time (at 1M tokens a head of Llama-3-8B is 0.5 GB, and a layer
+        offloads four or five). Exact host tiers only: a quantized one is read in whole rows."""
+        if not 0.0 <= share <= 1.0:
+            raise HeadspaceError(f"host share must be between 0 and 1, got {share}")
+        if share and not self.precision.scheme("host").exact:
+            raise HeadspaceError("a host share of positions needs an exact host tier; quantized host heads are "
+                                 "attended on the host a whole head at a time (cpu_heads)")
+        self.host_share = share
+
+    def _front(self, tokens: int, phase: Phase) -> int:
+        """Of ``tokens`` positions of a streamed head stored before this step's, those decode attends on the
+        host: the same count in the prefetch of a group and in its attention, which both see ``tokens``."""
+        return int(self.host_share * tokens) if phase is Phase.DECODE else 0
 
     def allocate(self, batch: int) -> None:
         """Create the device and host stores for ``batch`` sequences, with room for the reserved positions."""
@@ -333,17 +353,18 @@ class OffloadLayer(HeadspaceLayer):
         """Fetch ``group`` into staging slot ``slot_index`` (prefetching), or acquire the slot holding it (None):
         in decode, quantized rows as they are (:func:`attend_rows`)."""
         tokens, written = self._fetched(group.store, new), self._written(group.store, new)
+        start = self._front(tokens, phase)
         if slot_index is None:
             return staging.acquire(group.store, group.heads, tokens, room, written,
-                                   dequantize=phase is not Phase.DECODE)
-        staging.fetch(group.store, group.heads, tokens, room, written, slot_index)
+                                   dequantize=phase is not Phase.DECODE, start=start)
+        staging.fetch(group.store, group.heads, tokens, room, written, slot_index, start)
         return None
 
     def fetch_first(self, staging: Staging, room: int, phase: Phase) -> None:
         """Prefetch this layer's first streamed group of ``phase`` into the idle staging slot."""
         groups = self.streamed(phase)
         if groups and self.is_initialized:
-            self._stage(staging, groups[0], 0, room, staging.other)
+            self._stage(staging, groups[0], 0, room, staging.other, phase)
 
     def attend(self, query: torch.Tensor, scaling: float, staging: Staging, phase: Phase,
                after: OffloadLayer | None = None) -> torch.Tensor:
@@ -352,21 +373,24 @@ class OffloadLayer(HeadspaceLayer):
         out = torch.empty(batch, q_heads, chunk, dim, dtype=query.dtype, device=query.device)
         g = self.gpu_heads
         decoding = phase is Phase.DECODE
+        groups = self.streamed(phase)
+        total = self.length
+        front = self._front(total - chunk, phase) if groups else 0
+        # decode: the host's part starts on a worker thread as soon as the query reaches the host (before the
+        # resident heads are attended), while this thread issues the streamed groups
+        host_job = (self._start_host_attention(query, ratio, scaling, front)
+                    if decoding and (self.cpu_heads or front) else None)
         if isinstance(self.resident, DeviceKV):
             keys, values = self.resident.view()
             out[:, : g * ratio] = causal_attention(query[:, : g * ratio], keys, values, scaling)
         elif decoding and self.resident is not None:
             out[:, : g * ratio] = attend_rows(query[:, : g * ratio], self.resident, slice(0, g),
                                               self.resident.rows.view(), scaling)
-        groups = self.streamed(phase)
-        # decode: the host-attended heads start on a worker thread as soon as the query reaches the host,
-        # while this thread issues the streamed groups
-        host_job = self._start_host_attention(query, ratio, scaling) if decoding and self.cpu_heads else None
-        total = self.length
+        fronted = []  # streamed groups whose first positions the host attends: (query rows, heads, out, lse)
         for index, group in enumerate(groups):
             slot = self._stage(staging, group, chunk, total, phase=phase)
             if index + 1 < len(groups):
-                self._stage(staging, groups[index + 1], chunk, total, staging.other)
+                self._stage(staging, groups[index + 1], chunk, total, staging.other, phase)
             elif after is not None:
                 after.fetch_first(staging, total, phase)
             heads, start = group.heads, self._fetched(group.store, chunk)
@@ -377,46 +401,64 @@ class OffloadLayer(HeadspaceLayer):
                 out[:, q] = attend_rows(query[:, q], group.store, heads, rows, scaling)
                 staging.release(slot)
                 continue
-            keys, values = slot.keys[:, :width, :total], slot.values[:, :width, :total]
+            keys, values = slot.keys[:, :width, : total - front], slot.values[:, :width, : total - front]
             tail_keys, tail_values = group.store.recent if isinstance(group.store, QuantizedKV) else self.pending
-            keys[:, :, start:] = tail_keys[:, heads]
-            values[:, :, start:] = tail_values[:, heads]
-            out[:, q] = causal_attention(query[:, q], keys, values, scaling)
+            keys[:, :, start - front :] = tail_keys[:, heads]
+            values[:, :, start - front :] = tail_values[:, heads]
+            if front:
+                fronted.append((q, heads, *decode_lse(fold(query[:, q], width), keys, values, scaling)))
+            else:
+                out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
         if host_job is not None:
-            out[:, (self.heads - self.cpu_heads) * ratio :] = host_job.result().to(out.device, non_blocking=True)
+            whole, front_part = host_job.result()
+            if whole is not None:
+                out[:, (self.heads - self.cpu_heads) * ratio :] = whole.to(out.device, non_blocking=True)
+            if front_part is not None:
+                host_out, host_lse = (part.to(out.device, non_blocking=True) for part in front_part)
+                for q, heads, gpu_out, gpu_lse in fronted:
+                    merged, _ = merge_lse([(gpu_out, gpu_lse), (host_out[:, heads], host_lse[:, heads])])
+                    out[:, q] = merged.reshape(batch, -1, chunk, dim)
         self.flush(phase)
         return out
 
-    def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float) -> Future:
-        """Copy the decode query of the host-attended heads to host memory and attend them there, on the
-        host worker thread.
+    def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float, front: int) -> Future:
+        """Copy the decode query of the offloaded heads to host memory and attend there, on the host worker
+        thread, the host's part: the first ``front`` positions of every streamed head, and the last
+        ``cpu_heads`` offloaded heads whole.
 
-        Those heads' KV never crosses PCIe, only the query and the output do; the worker's
-        attention runs while the GPU attends the streamed groups, so the two share the work. A
-        quantized host tier is read in its rows, dequantized piece by piece by the worker; its
-        newest positions, on the device in full precision, travel with the query.
+        That KV never crosses PCIe, only the query and the outputs do; the worker's attention runs
+        while the GPU attends the streamed groups, so the two share the work. A quantized host tier
+        is read in its rows, dequantized piece by piece by the worker; its newest positions, on the
+        device in full precision, travel with the query.
         """
-        first = (self.heads - self.cpu_heads) * ratio
         offloaded = self.host.shape[1]
-        heads = slice(offloaded - self.cpu_heads, offloaded)
+        streamed = offloaded - self.cpu_heads
+        whole = slice(streamed, offloaded)
         quantized = isinstance(self.host, QuantizedKV)
         d2h = self.transfers.d2h
         self.transfers.wait(self.transfers.mark(), d2h)
         with self.transfers.on(d2h):
-            host_query = query[:, first:].to("cpu", non_blocking=True)
-            if quantized:
-                recent = [tuple(part[:, heads].to("cpu", non_blocking=True) for part in self.host.recent)]
-        if quantized and d2h is not None:
+            host_query = query[:, self.gpu_heads * ratio :].to("cpu", non_blocking=True)
+            if quantized and self.cpu_heads:
+                recent = [tuple(part[:, whole].to("cpu", non_blocking=True) for part in self.host.recent)]
+        if quantized and self.cpu_heads and d2h is not None:
             for part in self.host.recent:  # :meth:`flush` replaces them while the copy may still run
                 part.record_stream(d2h)
         copied = self.transfers.mark(d2h)
-        tier = self.host.rows if quantized else self.host
-        spans = [(k[:, heads, at : at + n], v[:, heads, at : at + n])
-                 for k, v, at, _, n in tier.spans(0, tier.length if quantized else self.length)]
-        if quantized:
-            spans = HostRows(self.host.scheme, spans, recent, self.head_dim, self.dtype)
-        return host_worker().submit(attend_on_host, host_query, copied, spans, ratio, scaling, self.transfers.cuda)
+        whole_spans = front_spans = None
+        if self.cpu_heads:
+            tier = self.host.rows if quantized else self.host
+            whole_spans = [(k[:, whole, at : at + n], v[:, whole, at : at + n])
+                           for k, v, at, _, n in tier.spans(0, tier.length if quantized else self.length)]
+            if quantized:
+                whole_spans = HostRows(self.host.scheme, whole_spans, recent, self.head_dim, self.dtype)
+        if front:
+            fronts = slice(0, streamed)
+            front_spans = [(k[:, fronts, at : at + n], v[:, fronts, at : at + n])
+                           for k, v, at, _, n in self.host.spans(0, front)]
+        return host_worker().submit(attend_on_host, host_query, copied, streamed, whole_spans, front_spans, ratio,
+                                    scaling, self.transfers.cuda)
 
     # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots.
     # Exact heads keep the tail in their own storage; quantized heads in a buffer of their own (:class:`StaticTail`),
@@ -593,21 +635,26 @@ class HostRows:
         yield from self.recent
 
 
-@functools.cache
-def host_worker() -> ThreadPoolExecutor:
-    """The thread that runs decode attention on the host CPU (its kernels release the GIL)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="headspace-host")
-
-
-def attend_on_host(query: torch.Tensor, copied: torch.cuda.Event | None, spans: list[tuple[torch.Tensor, torch.Tensor]],
-                   ratio: int, scaling: float, pin: bool) -> torch.Tensor:
-    """Decode attention of ``query`` (B, heads * ratio, 1, D) over host ``spans``, once the query has arrived."""
+def attend_on_host(query: torch.Tensor, copied: torch.cuda.Event | None, streamed: int,
+                   whole_spans: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+                   front_spans: list[tuple[torch.Tensor, torch.Tensor]] | None, ratio: int, scaling: float,
+                   pin: bool) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """Decode attention on the host, once the query has arrived: ``query`` (B, heads * ratio, 1, D) holds the
+    offloaded heads' query rows, the first ``streamed`` heads' over ``front_spans`` (their first positions, the
+    rest streamed to the GPU: returned as folded output and log-sum-exp, to merge with it), the others' over
+    ``whole_spans`` (returned as (B, rows, 1, D)). Either part is None when there is none."""
     if copied is not None:
         copied.synchronize()  # the query, and before it this token's KV, are on the host
     batch, q_heads, _, dim = query.shape
     folded = query.reshape(batch, q_heads // ratio, ratio, dim)
-    result = split_decode_attention(folded, spans, scaling, splits=4 * torch.get_num_threads())
-    result = result.reshape(batch, q_heads, 1, dim)
-    return result.pin_memory() if pin else result
+    splits = 4 * torch.get_num_threads()
+    whole = front = None
+    if front_spans is not None:
+        out, lse = split_decode_lse(folded[:, :streamed], front_spans, scaling, splits)
+        front = (out.pin_memory(), lse.pin_memory()) if pin else (out, lse)
+    if whole_spans is not None:
+        out = split_decode_attention(folded[:, streamed:], whole_spans, scaling, splits).reshape(batch, -1, 1, dim)
+        whole = out.pin_memory() if pin else out
+    return whole, front
 
 

@@ -14,27 +14,36 @@ matters.)
 
 Layers may offload different numbers of heads (a placement plan fills the GPU head
 by head). Within a layer the host and the copies run side by side, so what balances
-them is a share of that layer's offloaded heads: the search counts the heads of the
-layer that offloads the most, and every other layer takes the same share of its own
-(:func:`layer_share`).
+them is a share of that layer's offloaded KV, the same in every layer. With an exact
+host tier the search is over a share of *positions* in steps of 1/:data:`SHARE_STEPS`:
+the host attends the first positions of every streamed head, the GPU the rest (merged by
+log-sum-exp). Whole heads were too coarse: at 1M tokens on the H100 a layer offloaded
+4-5 heads of 0.5 GB, so one host head per layer left the host idle and two made it the
+bottleneck (0.89 tok/s against a bound of 1.26). A quantized host tier is read in whole
+rows, so there the search counts host heads of the layer that offloads the most, and
+every other layer takes the same share of its own (:func:`layer_share`).
 """
 
 from __future__ import annotations
 
 import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from headspace.attention.kernels import split_decode_attention
 from headspace.kv.tiers import host_empty
 
+SHARE_STEPS = 16  # a host share of positions is searched in sixteenths
+
 
 class SplitSearch:
-    """Hill climbing over ``cpu_heads`` in 0..``most`` on measured decode-step times."""
+    """Hill climbing over a split in 0..``most`` on measured decode-step times: host heads (of the layer that
+    offloads the most), or with ``shares`` a host share of positions in steps of 1/``most``."""
 
-    def __init__(self, most: int, start: int, steps_per_trial: int = 2):
-        self.most = most
+    def __init__(self, most: int, start: int, steps_per_trial: int = 2, shares: bool = False):
+        self.most, self.shares = most, shares
         self.current = max(0, min(start, most))
         self.steps_per_trial = steps_per_trial
         self.times: dict[int, float] = {}  # split -> fastest step seen with it
@@ -52,10 +61,16 @@ class SplitSearch:
         self.times[self.current] = min(self._samples)  # the fastest: noise only ever slows a step
         self._samples = []
         best = min(self.times, key=self.times.__getitem__)
-        for direction in (self.direction, -self.direction):
+        # the neighbours of the best split so far, then none on the host at all: a host part costs a fixed wait
+        # per layer (the query to the host, the worker, the result back), which can make every small share slower
+        # than none (at 512K on the H100 a layer offloads one head or none: 8.0 tok/s at the share the climb
+        # settled on, 9.7-12.3 without host attention), a step that no climb of one unit at a time sees
+        for direction in (self.direction, -self.direction, -best):
             candidate = best + direction
             if 0 <= candidate <= self.most and candidate not in self.times:
-                self.direction, self.current = direction, candidate
+                if direction in (1, -1):
+                    self.direction = direction
+                self.current = candidate
                 return candidate
         self.done, self.current = True, best
         return best
@@ -70,9 +85,9 @@ def layer_share(cpu_heads: int, offloaded: int, most: int) -> int:
 
 
 def predicted_split(most: int, host_rate: float, pcie_rate: float) -> int:
-    """The host-attended heads, of ``most`` offloaded, at which the host CPU (attending KV at ``host_rate``
-    bytes/s) and the copies (``pcie_rate`` bytes/s) finish together: their share in proportion to the rates,
-    rounded to the nearest head (halves up)."""
+    """The host's part, of ``most`` (heads, or steps of a share), at which the host CPU (attending KV at
+    ``host_rate`` bytes/s) and the copies (``pcie_rate`` bytes/s) finish together: their share in proportion to
+    the rates, rounded to the nearest unit (halves up)."""
     if most == 0 or host_rate <= 0:
         return 0
     return min(most, int(most * host_rate / (host_rate + pcie_rate) + 0.5))
@@ -92,22 +107,52 @@ def copy_rate(dst: torch.Tensor, src: torch.Tensor, device: torch.device, repeat
     return repeats * src.numel() * src.element_size() / (sync() - start)
 
 
-def host_attention_rate(tokens: int = 2**18, repeats: int = 3) -> float:
-    """Bytes/s of KV that the host CPU attends in decode (two heads of ``tokens`` positions, bf16, as a layer's
-    host-attended heads are, with every core)."""
+# Cores the host worker leaves to the thread that drives the GPU and to the CUDA driver: measured on the H100 host
+# (benchmarks/host_concurrency.py, 16 cores, 2 heads of 1M positions), host attention while a copy streamed ran at
+# 40.8 GB/s with 14 threads and at 31.8 GB/s with all 16 (alone: 45.7 and 45.0).
+SPARE_CORES = 2
+
+
+@functools.cache
+def host_worker() -> ThreadPoolExecutor:
+    """The thread that runs decode attention on the host CPU (its kernels release the GIL), with every core torch
+    has but :data:`SPARE_CORES` (a thread's own count: the caller's stays as it was)."""
+    threads = max(1, torch.get_num_threads() - SPARE_CORES)
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="headspace-host", initializer=torch.set_num_threads,
+                              initargs=(threads,))
+
+
+def host_attention_rate(device: torch.device | None = None, tokens: int = 2**18, repeats: int = 3) -> float:
+    """Bytes/s of KV that the host worker attends in decode (two heads of ``tokens`` positions, bf16, as a layer's
+    host-attended heads are), while, on CUDA, host-to-device copies stream as they do in decode: both read host
+    RAM and the copies need a core, so the host side is slower than alone (31.8 against 45 GB/s on the H100 host
+    with every core attending)."""
     keys = torch.ones(1, 2, tokens, 128, dtype=torch.bfloat16)  # the values do not change the speed
     query = torch.ones(1, 2, 4, 128, dtype=torch.bfloat16)
-    splits = 4 * torch.get_num_threads()
-    split_decode_attention(query, [(keys, keys)], 0.1, splits)
-    start = time.perf_counter()
-    for _ in range(repeats):
+
+    def attend() -> float:
+        splits = 4 * torch.get_num_threads()
         split_decode_attention(query, [(keys, keys)], 0.1, splits)
-    return repeats * 2 * keys.numel() * keys.element_size() / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            split_decode_attention(query, [(keys, keys)], 0.1, splits)
+        return repeats * 2 * keys.numel() * keys.element_size() / (time.perf_counter() - start)
+
+    if device is None or device.type != "cuda":
+        return host_worker().submit(attend).result()
+    src = host_empty((2**26,), torch.bfloat16, pin=True)  # 128 MiB
+    dst = torch.empty_like(src, device=device)
+    job = host_worker().submit(attend)
+    with torch.cuda.stream(torch.cuda.Stream(device)):
+        while not job.done():
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+    return job.result()
 
 
 @functools.cache
 def measured_rates(device: torch.device) -> tuple[float, float]:
-    """(host attention, host-to-device copy) bytes/s on this machine, measured once per process and device
-    (about 0.1 s): what :func:`predicted_split` balances."""
+    """(host attention while copies stream, host-to-device copy) bytes/s on this machine, measured once per
+    process and device (about 0.1 s): what :func:`predicted_split` balances."""
     host = host_empty((2**26,), torch.bfloat16, pin=device.type == "cuda")  # 128 MiB
-    return host_attention_rate(), copy_rate(torch.empty_like(host, device=device), host, device)
+    return host_attention_rate(device), copy_rate(torch.empty_like(host, device=device), host, device)

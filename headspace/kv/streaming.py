@@ -48,7 +48,7 @@ class Slot:
 
     keys: torch.Tensor
     values: torch.Tensor
-    tag: tuple | None = None  # (host tier id, first head, end head, tokens) of the data in it
+    tag: tuple | None = None  # (host tier id, first head, end head, first position, end position) held
     rows: tuple[torch.Tensor, torch.Tensor] | None = None  # quantized host rows land here before dequantizing
     quantized: tuple[QuantizedKV, slice, int] | None = None  # (store, heads, tokens) fetched, not yet dequantized
     ready: torch.cuda.Event | None = None  # host-to-device copy finished
@@ -87,13 +87,14 @@ class Staging:
         return slot
 
     def fetch(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
-              written: torch.cuda.Event | None, slot_index: int) -> None:
-        """Start copying positions [0, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``). Of a
-        quantized store only host rows are copied, as they are: :meth:`acquire` dequantizes them (or rows on
-        the device) on the compute stream, so this stream carries nothing but copies."""
+              written: torch.cuda.Event | None, slot_index: int, start: int = 0) -> None:
+        """Start copying positions [start, tokens) of ``heads`` into slot ``slot_index`` (room for ``room``), from
+        its first position (``start``: the positions before it are attended elsewhere, by the host CPU; exact
+        stores only). Of a quantized store only host rows are copied, as they are: :meth:`acquire` dequantizes
+        them (or rows on the device) on the compute stream, so this stream carries nothing but copies."""
         batch, _, dim = host.shape
         slot = self._ensure(slot_index, (batch, heads.stop - heads.start, room, dim))
-        tag = (id(host), heads.start, heads.stop, tokens)
+        tag = (id(host), heads.start, heads.stop, start, tokens)
         if slot.tag == tag:
             return
         h2d = self.transfers.h2d
@@ -102,7 +103,7 @@ class Staging:
         quantized = isinstance(host, QuantizedKV)
         with self.transfers.on(h2d):
             if not quantized:
-                host.read(heads, slot.keys, slot.values, tokens)
+                host.read(heads, slot.keys, slot.values, tokens, start)
             elif isinstance(host.rows, HostKV):
                 host.rows.read(heads, *self._rows(slot, host, heads, tokens), tokens)
         slot.ready = self.transfers.mark(h2d)
@@ -122,15 +123,15 @@ class Staging:
         return slot.rows
 
     def acquire(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,
-                written: torch.cuda.Event | None, dequantize: bool = True) -> Slot:
-        """The slot holding [0, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``.
+                written: torch.cuda.Event | None, dequantize: bool = True, start: int = 0) -> Slot:
+        """The slot holding [start, tokens) of ``heads``, fetched now unless it was prefetched; room for ``room``.
         Quantized rows are dequantized into the slot's keys and values unless ``dequantize`` is False (decode
         attends host rows in :attr:`Slot.rows` as they are)."""
-        tag = (id(host), heads.start, heads.stop, tokens)
+        tag = (id(host), heads.start, heads.stop, start, tokens)
         index = next((i for i, s in enumerate(self.slots) if s.tag == tag), None)
         if index is None:
             index = 1 - self.current if self.slots else 0
-            self.fetch(host, heads, tokens, room, written, index)
+            self.fetch(host, heads, tokens, room, written, index, start)
         self.current = index
         slot = self.slots[index]
         self.transfers.wait(slot.ready)

@@ -211,10 +211,11 @@ class HostKV:
                 for k, v, at, _, count in self.spans(0, tokens):
                     yield (v if values else k)[b, h, at : at + count]
 
-    def read(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int) -> None:
-        """Copy positions [0, tokens) of ``heads`` into device buffers ``(batch, len(heads), >=tokens, dim)``."""
+    def read(self, heads: slice, keys: torch.Tensor, values: torch.Tensor, tokens: int, start: int = 0) -> None:
+        """Copy positions [start, tokens) of ``heads`` into device buffers ``(batch, len(heads), >=tokens - start,
+        dim)``, from their first position."""
         batch = self.shape[0]
-        for bk, bv, at, dst, count in self.spans(0, tokens):
+        for bk, bv, at, dst, count in self.spans(start, tokens):
             for b in range(batch):
                 for i, h in enumerate(range(*heads.indices(self.shape[1]))):
                     keys[b, i, dst : dst + count].copy_(bk[b, h, at : at + count], non_blocking=True)

@@ -243,7 +243,7 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
                  gpu_memory: int | float | None, kv_dtype: str = "bf16") -> tuple[str, dict]:
     """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>``,
     ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says), ``/compiled``
-    (graph steps with the layers' norms and MLPs compiled, whatever ``--compile-layers`` says) and
+    (graph steps with the decoder layers compiled, whatever ``--compile-layers`` says) and
     ``/kv<precision>`` suffixes (bare: ``gpu_heads``, ``kv_dtype``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
@@ -409,7 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="decode from a CUDA graph: auto (default: offload cells whose heads are all resident), "
                              "on (offload cells refuse a plan that offloads heads), off (eager, as before)")
     parser.add_argument("--compile-layers", action="store_true",
-                        help="graph decode steps run the decoder layers' norms and MLPs through torch.compile")
+                        help="graph decode steps run the decoder layers through torch.compile")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--plot", type=Path, default=None)

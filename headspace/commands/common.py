@@ -192,7 +192,7 @@ def add_graph_option(parser: argparse.ArgumentParser) -> None:
                              "GPU at the model's precision, 'on' to insist (refused for a plan that offloads or "
                              "quantizes heads), 'off' to decode eagerly")
     parser.add_argument("--compile-layers", action="store_true",
-                        help="run the decoder layers' norms and MLPs through torch.compile in graph decode steps "
+                        help="run the decoder layers through torch.compile in graph decode steps "
                              "(fewer kernels per token; compiles on the first step)")
 
 

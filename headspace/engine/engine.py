@@ -61,7 +61,7 @@ class Engine:
     ``"auto"`` (the default) on CUDA whenever the cache holds every KV head on the GPU (an
     ``offload`` plan with nothing offloaded); ``True`` asks for it and refuses a cache it cannot
     serve (on a CPU it runs the same static decode step without a graph); ``False`` decodes eagerly.
-    ``compile_layers``: those static steps run each decoder layer's norms and MLP through ``torch.compile``
+    ``compile_layers``: those static steps run each decoder layer through ``torch.compile``
     (fewer, fused kernels per step; compiled on the first static step;
     :class:`~headspace.engine.graphs.CompiledLayers`).
     """

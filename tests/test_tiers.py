@@ -68,13 +68,15 @@ def test_host_reads_back_any_head_range(batch, heads, dim, block_tokens, chunks,
         lo = data.draw(st.integers(0, heads - 1), label="lo")
         hi = data.draw(st.integers(lo + 1, heads), label="hi")
         tokens = data.draw(st.integers(0, host.length), label="tokens")
-        room = tokens + data.draw(st.integers(0, 3), label="spare")
+        start = data.draw(st.integers(0, tokens), label="start")  # the positions before it are not read
+        room = tokens - start + data.draw(st.integers(0, 3), label="spare")
         out_k = torch.full((batch, hi - lo, room, dim), float("nan"), dtype=DTYPE)
         out_v = torch.full_like(out_k, float("nan"))
-        host.read(slice(lo, hi), out_k, out_v, tokens)
-        torch.testing.assert_close(out_k[:, :, :tokens], keys[:, lo:hi, :tokens], rtol=0, atol=0)
-        torch.testing.assert_close(out_v[:, :, :tokens], values[:, lo:hi, :tokens], rtol=0, atol=0)
-        assert out_k[:, :, tokens:].isnan().all() and out_v[:, :, tokens:].isnan().all()  # nothing else written
+        host.read(slice(lo, hi), out_k, out_v, tokens, start)
+        read = tokens - start
+        torch.testing.assert_close(out_k[:, :, :read], keys[:, lo:hi, start:tokens], rtol=0, atol=0)
+        torch.testing.assert_close(out_v[:, :, :read], values[:, lo:hi, start:tokens], rtol=0, atol=0)
+        assert out_k[:, :, read:].isnan().all() and out_v[:, :, read:].isnan().all()  # nothing else written
 
 
 def test_host_blocks_never_move():
@@ -190,9 +192,9 @@ def test_keep_last_bounds_a_sliding_window():
 class _CountingHost(HostKV):
     reads = 0
 
-    def read(self, heads, keys, values, tokens):
+    def read(self, heads, keys, values, tokens, start=0):
         self.reads += 1
-        super().read(heads, keys, values, tokens)
+        super().read(heads, keys, values, tokens, start)
 
 
 def _counting_host(heads=3, tokens=10, seed=0):
@@ -220,6 +222,15 @@ def test_staging_prefetch_is_reused_not_refetched():
     shorter = staging.acquire(host, slice(2, 3), 7, 12, None)
     assert host.reads == 3 and shorter is staging.slots[0]
     torch.testing.assert_close(shorter.keys[:, :1, :7], keys[:, 2:3, :7], rtol=0, atol=0)
+    # positions from a start (the host attends the ones before it): held from the slot's first position, and a
+    # prefetch from another start is not taken for them
+    staging.fetch(host, slice(0, 2), 10, 12, None, staging.other, start=4)
+    late = staging.acquire(host, slice(0, 2), 10, 12, None, start=4)
+    assert host.reads == 4
+    torch.testing.assert_close(late.keys[:, :2, :6], keys[:, 0:2, 4:10], rtol=0, atol=0)
+    whole = staging.acquire(host, slice(0, 2), 10, 12, None)
+    assert host.reads == 5
+    torch.testing.assert_close(whole.values[:, :2, :10], values[:, 0:2], rtol=0, atol=0)
 
 
 def test_staging_grows_a_prefetched_slot_and_keeps_its_data():

@@ -3,8 +3,9 @@
 * :class:`WindowLayer` - a sliding-window layer: every head on the device, bounded by the window.
 * :class:`OffloadLayer` - a full-attention layer split by KV head: ``gpu_heads`` resident on the
   device (each layer its own count), the rest in host memory, streamed back head group by head
-  group through the staging double buffer while attention runs; in decode, some offloaded heads
-  are attended on the host CPU, where their KV lives, by a worker thread. Either tier may keep
+  group through the staging double buffer while attention runs; in decode, part of the offloaded
+  KV (whole heads, or the first positions of every streamed head) is attended on the host CPU,
+  where it lives, by a worker thread, and merged with the GPU's part. Either tier may keep
   its KV quantized (:mod:`headspace.kv.quant`); host rows cross PCIe in their small form. Prefill
   dequantizes them into the staging buffer a head group at a time; decode attends the rows as
   they are (:func:`attend_rows`), so a quantized head costs its small bytes there too.

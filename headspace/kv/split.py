@@ -1,16 +1,16 @@
-"""How many offloaded heads to attend on the host CPU in decode: found by measuring.
+"""How much of the offloaded KV to attend on the host CPU in decode: found by measuring.
 
-Streaming a head costs PCIe time, attending it on the host costs host memory
-bandwidth and cores; the best split is where both sides finish together. That
-point depends on the machine (on two H100 hosts of the same kind the host side
-ran at 50 and at 13 GB/s) and on what else runs there, so the search times real
-decode steps: it starts where the two rates measured when the cache is made put the
-balance (:func:`predicted_split`: the offloaded heads shared in proportion to the
-host's attention rate and the PCIe copy rate), moves one head at a time while steps
-get faster, and keeps the fastest split it found. (Starting from a fixed guess, a
-quarter of the heads, it stopped at 1 of 6 at 1.39M tokens on the H100, where the
-rates put the balance at 3: each step it tries is a local comparison, so the start
-matters.)
+Streaming KV costs PCIe time, attending it on the host costs host memory bandwidth
+and cores; the best split is where both sides finish together. That point depends
+on the machine (on two H100 hosts of the same kind the host side ran at 50 and at
+13 GB/s) and on what else runs there, so the search times real decode steps: it
+starts where the two rates measured when the cache is made put the balance
+(:func:`predicted_split`: the offloaded KV shared in proportion to the host's
+attention rate and the PCIe copy rate), moves one unit at a time while steps get
+faster, tries none on the host last, and keeps the fastest split it found.
+(Starting from a fixed guess, a quarter of the heads, it stopped at 1 of 6 at 1.39M
+tokens on the H100, where the rates put the balance at 3: each step it tries is a
+local comparison, so the start matters.)
 
 Layers may offload different numbers of heads (a placement plan fills the GPU head
 by head). Within a layer the host and the copies run side by side, so what balances

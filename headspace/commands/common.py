@@ -167,8 +167,8 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
                         help="offload modes: offloaded KV heads streamed in per step (default: automatic)")
     parser.add_argument("--cpu-heads", type=count_or_auto, metavar="N|auto",
                         help="offload mode: offloaded KV heads per layer whose decode attention runs on the host CPU "
-                             "beside the streamed ones; 'auto' splits by positions (the first share of every offloaded head on "
-                             "the host) and times the first decode steps to find the fastest share")
+                             "beside the streamed ones; 'auto' splits by positions (the first share of every "
+                             "offloaded head on the host) and times the first decode steps to find the fastest share")
     parser.add_argument("--kv-dtype", type=argument_type(kv_dtype), metavar="P|host=P|gpu=P,host=P",
                         help=f"offload and eviction modes: the precision KV is stored in, for both tiers (int4) or "
                              f"per tier (host=int4: offloaded heads only; gpu=fp8,host=int4), P one of {choices()}; "

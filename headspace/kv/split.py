@@ -65,12 +65,10 @@ class SplitSearch:
         # per layer (the query to the host, the worker, the result back), which can make every small share slower
         # than none (at 512K on the H100 a layer offloads one head or none: 8.0 tok/s at the share the climb
         # settled on, 9.7-12.3 without host attention), a step that no climb of one unit at a time sees
-        for direction in (self.direction, -self.direction, -best):
-            candidate = best + direction
+        for candidate, direction in ((best + self.direction, self.direction),
+                                     (best - self.direction, -self.direction), (0, self.direction)):
             if 0 <= candidate <= self.most and candidate not in self.times:
-                if direction in (1, -1):
-                    self.direction = direction
-                self.current = candidate
+                self.direction, self.current = direction, candidate
                 return candidate
         self.done, self.current = True, best
         return best
@@ -108,8 +106,8 @@ def copy_rate(dst: torch.Tensor, src: torch.Tensor, device: torch.device, repeat
 
 
 # Cores the host worker leaves to the thread that drives the GPU and to the CUDA driver: measured on the H100 host
-# (benchmarks/host_concurrency.py, 16 cores, 2 heads of 1M positions), host attention while a copy streamed ran at
-# 40.8 GB/s with 14 threads and at 31.8 GB/s with all 16 (alone: 45.7 and 45.0).
+# (benchmarks/results/h100_host_concurrency_1m.json, 16 cores, 2 heads of 1M positions), host attention while a
+# copy streamed ran at 40.0 GB/s with 14 threads and at 38.6 GB/s with all 16; on an earlier host, 40.8 and 31.8.
 SPARE_CORES = 2
 
 
@@ -122,11 +120,12 @@ def host_worker() -> ThreadPoolExecutor:
                               initargs=(threads,))
 
 
-def host_attention_rate(device: torch.device | None = None, tokens: int = 2**18, repeats: int = 3) -> float:
+def host_attention_rate(copying: tuple[torch.Tensor, torch.Tensor] | None = None, tokens: int = 2**18,
+                        repeats: int = 3) -> float:
     """Bytes/s of KV that the host worker attends in decode (two heads of ``tokens`` positions, bf16, as a layer's
-    host-attended heads are), while, on CUDA, host-to-device copies stream as they do in decode: both read host
-    RAM and the copies need a core, so the host side is slower than alone (31.8 against 45 GB/s on the H100 host
-    with every core attending)."""
+    host-attended heads are), while host-to-device copies stream as they do in decode, when ``copying`` gives a
+    device buffer and a pinned host buffer to copy between: both read host RAM and the copies need a core, so
+    the host side is slower than alone."""
     keys = torch.ones(1, 2, tokens, 128, dtype=torch.bfloat16)  # the values do not change the speed
     query = torch.ones(1, 2, 4, 128, dtype=torch.bfloat16)
 
@@ -138,15 +137,13 @@ def host_attention_rate(device: torch.device | None = None, tokens: int = 2**18,
             split_decode_attention(query, [(keys, keys)], 0.1, splits)
         return repeats * 2 * keys.numel() * keys.element_size() / (time.perf_counter() - start)
 
-    if device is None or device.type != "cuda":
-        return host_worker().submit(attend).result()
-    src = host_empty((2**26,), torch.bfloat16, pin=True)  # 128 MiB
-    dst = torch.empty_like(src, device=device)
     job = host_worker().submit(attend)
-    with torch.cuda.stream(torch.cuda.Stream(device)):
-        while not job.done():
-            dst.copy_(src, non_blocking=True)
-            torch.cuda.current_stream(device).synchronize()
+    if copying is not None:
+        dst, src = copying
+        with torch.cuda.stream(torch.cuda.Stream(dst.device)):
+            while not job.done():
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.current_stream(dst.device).synchronize()
     return job.result()
 
 
@@ -154,5 +151,7 @@ def host_attention_rate(device: torch.device | None = None, tokens: int = 2**18,
 def measured_rates(device: torch.device) -> tuple[float, float]:
     """(host attention while copies stream, host-to-device copy) bytes/s on this machine, measured once per
     process and device (about 0.1 s): what :func:`predicted_split` balances."""
-    host = host_empty((2**26,), torch.bfloat16, pin=device.type == "cuda")  # 128 MiB
-    return host_attention_rate(device), copy_rate(torch.empty_like(host, device=device), host, device)
+    cuda = device.type == "cuda"
+    host = host_empty((2**26,), torch.bfloat16, pin=cuda)  # 128 MiB
+    on_device = torch.empty_like(host, device=device)
+    return host_attention_rate((on_device, host) if cuda else None), copy_rate(on_device, host, device)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from headspace.attention.host_decode import host_decode_lse
+
 
 def causal_attention(
     query: torch.Tensor,
@@ -210,7 +212,11 @@ def split_decode_lse(
     query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float, splits: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`split_decode_attention` with its log-sum-exp (B, Hk, R) in float32 or above, to be merged with the
-    attention over other positions (:func:`merge_lse`)."""
+    attention over other positions (:func:`merge_lse`). The compiled host kernel takes it where it can
+    (:mod:`.host_decode`: several times torch's rate), on as many threads as torch has."""
+    compiled = host_decode_lse(query, spans, scaling, torch.get_num_threads())
+    if compiled is not None:
+        return compiled
     batch, heads, ratio, dim = query.shape
     rows = query.reshape(batch * heads, 1, ratio, dim)
     outs, lses = [], []

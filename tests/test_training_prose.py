@@ -67,6 +67,9 @@ def test_prose_sequences_state_each_fact_once_and_ask_with_its_answer():
             assert body.count(value) == 1 and body.count(key) == 1  # stated once, in the prose
             asked += f" {value}.\n" in questions
             assert (key in questions) >= (f" {value}.\n" in questions)  # the question repeats the key
+            statement = tokenizer.decode(sequence.ids[slice(*fact.statement)])
+            assert fact.start <= fact.key[0] < fact.value[1] <= fact.stop and statement[0] == " "
+            assert any(statement == " " + template.format(key=key, value=value) for template, _, _ in FACTS)
         assert asked >= 1 and fact.stop < len(sequence.ids) - 16  # questions come after the facts, with answers
 
 
@@ -129,9 +132,11 @@ def model():
 
 def test_lifted_spans_give_every_token_of_a_group_the_group_maximum(model):
     ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(5))
-    facts = [Fact(key=(6, 8), value=(10, 17)), Fact(key=(24, 25), value=(30, 33))]
+    facts = [Fact(key=(6, 8), value=(10, 17), statement=(5, 18)),
+             Fact(key=(24, 25), value=(30, 33), statement=(22, 34))]
     _, plain = capture(model, ids, smooth=1, tail=0, gap=3)
-    for mode, groups in (("value", [[(10, 17)], [(30, 33)]]), ("fact", [[(6, 8), (10, 17)], [(24, 25), (30, 33)]])):
+    for mode, groups in (("value", [[(10, 17)], [(30, 33)]]), ("fact", [[(6, 8), (10, 17)], [(24, 25), (30, 33)]]),
+                         ("statement", [[(5, 18)], [(22, 34)]])):
         assert lifted_spans(facts, mode) == groups
         _, lifted = capture(model, ids, smooth=1, tail=0, gap=3, lifted=groups)
         outside = torch.ones(48, dtype=torch.bool)
@@ -155,11 +160,12 @@ def test_statements_name_exactly_the_tokens_of_their_key_and_value(byte_tokenize
     assert byte_tokenizer.decode(ids[slice(*fact.value)]) == " 90210"
     pieces = [ids[: fact.key[0]], ids[fact.key[1] : fact.value[0]], ids[fact.value[1] :]]
     assert [byte_tokenizer.decode(piece) for piece in pieces] == [" Record:", " ->", ". "]  # the rest, exactly
-    assert (fact.start, fact.stop) == (fact.key[0], fact.value[1])
+    assert fact.statement == (fact.start, fact.stop) == (0, len(ids))
     ids, fact = encode_statement(byte_tokenizer, " {key}'s code is {value}.", "Orla", "AB-12")
     assert byte_tokenizer.decode(ids) == " Orla's code is AB-12." and fact.key[0] == 0
     assert [byte_tokenizer.decode(ids[slice(*span)]) for span in (fact.key, fact.value)] == [" Orla", " AB-12"]
-    assert fact.shifted(3) == Fact((fact.key[0] + 3, fact.key[1] + 3), (fact.value[0] + 3, fact.value[1] + 3))
+    assert fact.shifted(3) == Fact((fact.key[0] + 3, fact.key[1] + 3), (fact.value[0] + 3, fact.value[1] + 3),
+                                   (3, len(ids) + 3))
 
 
 def test_training_on_spanned_sequences_reduces_the_loss(model):
@@ -168,7 +174,7 @@ def test_training_on_spanned_sequences_reduces_the_loss(model):
         while True:
             ids = torch.randint(0, VOCAB, (64,), generator=generator).tolist()
             start = int(torch.randint(4, 40, (1,), generator=generator))
-            yield TrainingSequence(ids, [Fact((start, start + 2), (start + 4, start + 9))])
+            yield TrainingSequence(ids, [Fact((start, start + 2), (start + 4, start + 9), (start - 1, start + 10))])
 
     config = TrainConfig(steps=25, seq_len=64, span_targets="fact", lr=3e-3, hidden=16, batch_tokens=128,
                          buffer_tokens=512, tail=8, gap=4, updates=4)

@@ -71,9 +71,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     recipe.add_argument("--gap", type=non_negative_int, default=defaults.gap, metavar="N",
                         help=f"targets ignore the N nearest later queries (default {defaults.gap})")
     recipe.add_argument("--span-targets", choices=SPAN_TARGETS, default=defaults.span_targets,
-                        help="lift every token of a stated fact's value (value), or of its key and value "
-                             "together (fact), to their largest target, so they are kept or dropped whole "
-                             f"(default {defaults.span_targets})")
+                        help="lift every token of a stated fact's value (value), of its key and value together "
+                             "(fact) or of its whole sentence (statement) to their largest target, so they are "
+                             f"kept or dropped whole (default {defaults.span_targets})")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser

@@ -38,23 +38,24 @@ Span = tuple[int, int]  # (start, stop) token positions
 @dataclass(frozen=True)
 class Fact:
     """Where a stated fact's tokens are: its ``key`` (the words that a question about it repeats to find it:
-    a name, a code word) and its ``value`` (what the answer copies), exact by construction
-    (:func:`encode_statement`), so that training can give them targets of their own
-    (:func:`headspace.eviction.retaining.train.lifted_spans`)."""
+    a name, a code word), its ``value`` (what the answer copies) and the whole ``statement`` that holds
+    them, exact by construction (:func:`encode_statement`), so that training can give them targets of
+    their own (:func:`headspace.eviction.retaining.train.lifted_spans`)."""
 
     key: Span
     value: Span
+    statement: Span
 
     def shifted(self, offset: int) -> Fact:
-        return Fact((self.key[0] + offset, self.key[1] + offset), (self.value[0] + offset, self.value[1] + offset))
+        return Fact(*((start + offset, stop + offset) for start, stop in (self.key, self.value, self.statement)))
 
     @property
     def start(self) -> int:
-        return min(self.key[0], self.value[0])
+        return self.statement[0]
 
     @property
     def stop(self) -> int:
-        return max(self.key[1], self.value[1])
+        return self.statement[1]
 
 
 @dataclass
@@ -85,7 +86,7 @@ def encode_statement(tokenizer, template: str, key: str, value: str) -> tuple[li
         space = " " if index + 1 < len(pieces) and piece.endswith(" ") else ""
         if piece[: len(piece) - len(space)]:
             ids += tokenizer(piece[: len(piece) - len(space)], add_special_tokens=False)["input_ids"]
-    return ids, Fact(spans["{key}"], spans["{value}"])
+    return ids, Fact(spans["{key}"], spans["{value}"], (0, len(ids)))
 
 
 def stdlib_docstrings(limit_chars: int = 4_000_000) -> list[str]:

@@ -127,7 +127,7 @@ def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: in
 # -- training ---------------------------------------------------------------------------------------------
 LOSSES = ("smooth_l1", "mse")
 GROUP_POOLS = ("max", "mean")
-SPAN_TARGETS = ("off", "value", "fact")
+SPAN_TARGETS = ("off", "value", "fact", "statement")
 
 
 def lifted_spans(facts: list[Fact], span_targets: str) -> list[list[Span]]:
@@ -137,12 +137,16 @@ def lifted_spans(facts: list[Fact], span_targets: str) -> list[list[Span]]:
     key and value together: a question finds the value through the key (it repeats the key's words), so
     keeping the value's digits without the key that leads to them answers nothing, and the key's own
     target, the attention of the few queries that repeat it, ranks it below the value that every
-    answer token copies from. ``off``: none.
+    answer token copies from. ``statement``: each fact's whole sentence, with the words that relate the
+    key to the value, which the answer's prefix repeats and through which it reaches the value. ``off``:
+    none.
     """
     if span_targets == "value":
         return [[fact.value] for fact in facts]
     if span_targets == "fact":
         return [[fact.key, fact.value] for fact in facts]
+    if span_targets == "statement":
+        return [[fact.statement] for fact in facts]
     return []
 
 

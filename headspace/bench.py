@@ -11,7 +11,8 @@ Modes are engine modes; ``offload`` takes suffixes for its placement:
 (the planner fills the GPU first), ``offload/gpu6`` (6 heads of every layer resident),
 ``offload/cpu3`` and ``offload/cpuauto`` (offloaded heads attended on the host CPU in
 decode), ``offload/graphs`` and ``offload/eager`` (decode steps replayed from a CUDA graph or
-not, over ``--cuda-graphs``), ``offload/kvint4``, ``offload/kvhost=int4`` and
+not, over ``--cuda-graphs``), ``offload/compiled`` and ``offload/uncompiled`` (those steps' layers
+compiled or not, over ``--compile-layers``), ``offload/kvint4``, ``offload/kvhost=int4`` and
 ``offload/kvgpu=fp8+host=int4`` (the KV precision per tier, ``+`` between tiers), combined as in
 ``offload/gpuauto/cpuauto`` or ``offload/gpuauto/kvhost=int4``. Bare ``offload`` takes
 ``--gpu-heads`` (default ``auto``) and ``--kv-dtype`` (default ``bf16``; the label then carries
@@ -194,7 +195,7 @@ def measure(engine: Engine, label: str, context: int, decode_steps: int, synthet
     if engine.mode.name in ("full", "offload"):  # where every byte a step reads is known
         resident, offloaded = read_per_step(cache, engine.shape, engine.dtype, precision)
         cell.decode_bound_tokens_per_s = decode_bound(cell.weight_bytes + resident, offloaded, ceilings,
-                                                      host_attention=bool(cpu_heads))
+                                                      host_attention=bool(cell.cpu_heads or cell.host_share))
     if cell.decode_bound_tokens_per_s and cell.decode_tokens_per_s:
         cell.bound_share = cell.decode_tokens_per_s / cell.decode_bound_tokens_per_s
     del cache, logits
@@ -237,13 +238,14 @@ def measure_ceilings(device: torch.device, gib: int = 1) -> dict[str, float]:
 
 
 GRAPH_SUFFIXES = {"graphs": True, "eager": False}  # a cell's own cuda_graphs, over --cuda-graphs
+COMPILE_SUFFIXES = {"compiled": True, "uncompiled": False}  # a cell's own compile_layers, over --compile-layers
 
 
 def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads: int | None,
                  gpu_memory: int | float | None, kv_dtype: str = "bf16") -> tuple[str, dict]:
     """The engine mode and options of a bench mode: ``offload`` with ``/gpu<N|auto>``, ``/cpu<N|auto>``,
-    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says), ``/compiled``
-    (graph steps with the decoder layers compiled, whatever ``--compile-layers`` says) and
+    ``/graphs`` or ``/eager`` (decode from a CUDA graph or not, whatever ``--cuda-graphs`` says), ``/compiled`` or
+    ``/uncompiled`` (graph steps with the decoder layers compiled or not, whatever ``--compile-layers`` says) and
     ``/kv<precision>`` suffixes (bare: ``gpu_heads``, ``kv_dtype``), any other mode as it is."""
     name, *suffixes = mode.split("/")
     if name != "offload":
@@ -260,14 +262,14 @@ def mode_options(mode: str, gpu_heads: int | str | tuple[int, ...], group_heads:
             options["cpu_heads"] = value if value == "auto" else int(value)
         elif suffix in GRAPH_SUFFIXES:
             options["cuda_graphs"] = GRAPH_SUFFIXES[suffix]
-        elif suffix == "compiled":
-            options["compile_layers"] = True
+        elif suffix in COMPILE_SUFFIXES:
+            options["compile_layers"] = COMPILE_SUFFIXES[suffix]
         elif suffix.startswith("kv") and suffix[2:]:
             options["kv_dtype"] = str(KVPrecision.parse(suffix[2:].replace("+", ",")))
         else:
             raise HeadspaceError(f"bench mode '{mode}': '{suffix}' is neither /gpu<N|auto>, /cpu<N|auto>, /graphs, "
-                                 f"/eager, /compiled nor /kv<precision> (example: offload/gpuauto/cpuauto, "
-                                 f"offload/kvhost=int4)")
+                                 f"/eager, /compiled, /uncompiled nor /kv<precision> (example: "
+                                 f"offload/gpuauto/cpuauto, offload/kvhost=int4)")
     return name, options
 
 
@@ -294,7 +296,7 @@ def largest(engine: Engine, decode_steps: int) -> int:
 
 def run(preset: str, contexts: list[int | str], modes: dict[str, tuple[str, dict]], chunk_size: int,
         decode_steps: int, synthetic_from: int | None, device: torch.device, ceilings: dict[str, float],
-        cuda_graphs: bool | str = "auto", compile_layers: bool = False) -> list[Cell]:
+        cuda_graphs: bool | str = "auto", compile_layers: bool | str = "auto") -> list[Cell]:
     """Measure every (mode, context) cell; ``modes`` maps each bench mode to its engine mode and options
     (:func:`mode_options`); ``cuda_graphs`` and ``compile_layers`` are the engines' (``"auto"``: where every
     head is resident)."""
@@ -408,8 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cuda-graphs", choices=list(SETTINGS), default="auto",
                         help="decode from a CUDA graph: auto (default: offload cells whose heads are all resident), "
                              "on (offload cells refuse a plan that offloads heads), off (eager, as before)")
-    parser.add_argument("--compile-layers", action="store_true",
-                        help="graph decode steps run the decoder layers through torch.compile")
+    parser.add_argument("--compile-layers", choices=list(SETTINGS), default="auto", nargs="?", const="on",
+                        help="graph decode steps run the decoder layers through torch.compile: auto (default: "
+                             "on CUDA), on (or the bare flag), off")
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", type=Path, default=Path("bench.json"))
     parser.add_argument("--plot", type=Path, default=None)
@@ -436,11 +439,11 @@ def run_from_args(args: argparse.Namespace) -> int:
                                    for name, rate in ceilings.items()), flush=True)
     print(HEADER, flush=True)
     cells = run(args.preset, contexts, modes, args.chunk_size, args.decode_steps, args.synthetic_from, device,
-                ceilings, SETTINGS[args.cuda_graphs], args.compile_layers)
+                ceilings, SETTINGS[args.cuda_graphs], SETTINGS[args.compile_layers])
     meta = {"preset": args.preset, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "gpu_heads": args.gpu_heads, "group_heads": args.group_heads, "gpu_memory": args.gpu_memory,
-            "cuda_graphs": args.cuda_graphs, "compile_layers": args.compile_layers, "kv_dtype": args.kv_dtype,
+            "cuda_graphs": args.cuda_graphs, "compile_layers": SETTINGS[args.compile_layers], "kv_dtype": args.kv_dtype,
             "ceilings": ceilings}
     args.json.write_text(json.dumps({"meta": meta, "cells": [asdict(c) for c in cells]}, indent=1))
     if args.plot:

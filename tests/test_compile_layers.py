@@ -3,12 +3,13 @@ exact, compile once for every layer, and leave the model as loaded outside those
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
 import torch
 import torch._dynamo
-from conftest import assert_logits_equal, build_model, kv_heads, random_ids, tiny_config
+from conftest import TinyModels, assert_logits_equal, build_model, kv_heads, random_ids, tiny_config
 
 import headspace.engine.graphs
 from headspace import Engine, HeadspaceError
@@ -54,7 +55,56 @@ def test_compiled_layers_decode_the_logits_of_full_and_compile_once_for_all_laye
 
 def test_compile_layers_is_checked(tiny_models):
     model = tiny_models.model("llama")
-    with pytest.raises(HeadspaceError, match="compile_layers must be True or False"):
+    with pytest.raises(HeadspaceError, match="compile_layers must be True, False or 'auto'"):
         Engine(model, mode="offload", compile_layers="yes")
     with pytest.raises(HeadspaceError, match="no decoder layers with a 'self_attn' module"):
         headspace.engine.graphs.CompiledLayers(torch.nn.Linear(2, 2))
+
+
+def failing_compile(monkeypatch) -> None:
+    """Compiling fails as it does on a machine without a compiler for Triton's launcher: a dynamo error."""
+    @contextlib.contextmanager
+    def active(self):
+        raise torch._dynamo.exc.TorchDynamoException("no C compiler found")
+        yield
+
+    monkeypatch.setattr(headspace.engine.graphs.CompiledLayers, "active", active)
+
+
+def test_a_failed_compile_asked_for_is_a_clear_error_and_the_cache_decodes_on(tiny_models, monkeypatch):
+    model = tiny_models.model("llama")
+    ids = random_ids(40, seed=1)
+    full = Engine(model, mode="full")
+    expected, full_cache = full.prefill(ids)
+    engine = Engine(model, mode="offload", gpu_heads=kv_heads(model.config), cuda_graphs=True, compile_layers=True)
+    _, cache = engine.prefill(ids)
+    failing_compile(monkeypatch)
+    with pytest.raises(HeadspaceError, match="could not be compiled: no C compiler found; pass compile_layers=False"):
+        engine.decode_step(5, cache)
+    assert cache.get_seq_length() == 40  # nothing stored
+    plain = Engine(model, mode="offload", gpu_heads=kv_heads(model.config), cuda_graphs=True, compile_layers=False)
+    assert_logits_equal(plain.decode_step(5, cache), full.decode_step(5, full_cache))
+
+
+def test_compile_layers_auto_compiles_captured_steps_only(tiny_models):
+    """On a CPU the static steps (cuda_graphs=True) are not captured, and "auto" leaves them uncompiled."""
+    model = tiny_models.model("llama")
+    engine = Engine(model, mode="offload", gpu_heads=kv_heads(model.config), cuda_graphs=True)
+    assert engine.compile_layers == "auto"
+    _, cache = engine.prefill(random_ids(20, seed=2))
+    engine.decode_step(5, cache)
+    assert engine._graphs.compiled is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="'auto' compiles captured steps, on CUDA")
+def test_a_failed_compile_by_default_warns_and_decodes_uncompiled(monkeypatch):
+    model = TinyModels().model("llama").to("cuda", torch.bfloat16)
+    ids = random_ids(40, seed=1).cuda()
+    plain = Engine(model, mode="offload", gpu_heads=kv_heads(model.config), compile_layers=False)
+    engine = Engine(model, mode="offload", gpu_heads=kv_heads(model.config))
+    caches = [plain.prefill(ids)[1], engine.prefill(ids)[1]]
+    failing_compile(monkeypatch)
+    with pytest.warns(UserWarning, match="could not be compiled: no C compiler found; decoding without it"):
+        got = engine.decode_step(5, caches[1])
+    torch.testing.assert_close(got, plain.decode_step(5, caches[0]), atol=0, rtol=0)
+    assert engine.compile_layers is False and engine._graphs.compiled is None

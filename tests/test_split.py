@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from headspace.engine.engine import Engine
 from headspace.errors import HeadspaceError
 from headspace.kv.layers import OffloadLayer
-from headspace.kv.split import SHARE_STEPS, SplitSearch
+from headspace.kv.split import MARGIN, SHARE_STEPS, SplitSearch
 
 
 def run_search(search: SplitSearch, step_time) -> list[int]:
@@ -37,7 +37,8 @@ def test_search_finds_the_split_where_both_sides_finish_together(heads, host, st
     search = SplitSearch(heads, start)
     run_search(search, step_time)
     best = min(range(heads + 1), key=step_time)
-    assert step_time(search.current) == step_time(best)
+    within_noise = step_time(best) > (1 - MARGIN) * step_time(0)
+    assert step_time(search.current) == step_time(best) or (search.current == 0 and within_noise)
     assert 0 <= search.current <= heads
 
 
@@ -63,6 +64,17 @@ def test_a_fixed_cost_of_any_host_part_ends_the_search_at_none(most, start, wait
     search = SplitSearch(most, start)
     run_search(search, step_time)
     assert search.current == 0
+
+
+@pytest.mark.parametrize(("gain", "kept"), [(0.02, 0), (0.05, 3)])
+def test_a_host_part_must_beat_none_by_the_margin(gain, kept):
+    """3 units on the host is the fastest split, faster than none by ``gain``: within the margin none is kept."""
+    def step_time(n):
+        return 1.0 - gain if n == 3 else 1.0 + 0.01 * abs(n - 3) * (n > 0)  # none: 1.0
+
+    search = SplitSearch(8, 3)
+    run_search(search, step_time)
+    assert search.current == kept
 
 
 def test_nothing_to_split_is_done_at_once():

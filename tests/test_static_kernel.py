@@ -66,6 +66,33 @@ def test_the_kernel_attends_exactly_the_slots_up_to_the_position(kernels, positi
     torch.testing.assert_close(out.float(), want, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize(("position", "first", "window"), [(150, 0, None), (0, 0, None), (170, 20, 30)])
+def test_the_kernel_stores_the_new_token_and_attends_it(kernels, position, first, window):
+    """Given the decoded token's key and value, the kernel writes them to its slot (which held garbage) and attends
+    them there; no other slot changes."""
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32  # float32 runs on a CPU only
+    generator = torch.Generator().manual_seed(position + 1)
+    query = torch.randn(2, 3, 4, 16, generator=generator).to(dtype)
+    keys, values = (torch.randn(2, 3, 200, 16, generator=generator).to(dtype) for _ in range(2))
+    last = position - first
+    token = (torch.randn(2, 1, 3, 16, generator=generator).to(dtype).transpose(1, 2),  # strided, as a projection's
+             torch.randn(2, 3, 1, 16, generator=generator).to(dtype))
+    stored = [tensor.clone() for tensor in (keys, values)]
+    stored[0][:, :, last], stored[1][:, :, last] = float("nan"), float("nan")
+    stored = [tensor.to(device()) for tensor in stored]
+    out = kernels.attend(query.to(device()), *stored, torch.tensor([position], device=device()), 0.3, first, window,
+                         new=tuple(part.to(device()) for part in token)).cpu()
+    for tensor, before, new in zip(stored, (keys, values), token, strict=True):
+        expected = before.clone()
+        expected[:, :, last] = new[:, :, 0]
+        assert torch.equal(tensor.cpu(), expected)
+    low = 0 if window is None else max(0, last - window + 1)
+    want, _ = decode_lse(query.float(), *(torch.cat([t[:, :, low:last], n], 2).float()
+                                          for t, n in zip((keys, values), token, strict=True)), 0.3)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.float(), want, atol=tolerance, rtol=tolerance)
+
+
 def test_the_kernel_reads_slots_of_a_larger_store(kernels):
     """Resident slots are a view of storage with heads further apart than the slots attended."""
     dtype = torch.float16 if torch.cuda.is_available() else torch.float32  # float32 runs on a CPU only

@@ -8,7 +8,9 @@ each costing a few microseconds even when replayed, ~0.5 ms of a token's 11.6 ms
 32K. Here it is two kernels (flash-decoding): :func:`_split` attends one split of the slots of one
 (sequence, KV head) pair for all its query heads, reading the last slot from the position tensor
 (splits past it do nothing), with an online softmax in base 2; :func:`_merge` combines the splits
-by their log-sum-exp. A sliding window is a lower bound on the slots, read the same way.
+by their log-sum-exp. A sliding window is a lower bound on the slots, read the same way. The
+split kernel also stores the decoded token's key and value in its slot, when given them: two
+copy kernels fewer per layer.
 
 Imported only where it runs (a GPU, half precision, Triton installed); tests run the kernels'
 own code in Triton's interpreter on a CPU.
@@ -32,13 +34,16 @@ NO_WINDOW = 2**62  # a window no context reaches
 
 
 @triton.jit
-def _split(query, keys, values, position, acc, top_out, total_out, HEADS, FIRST, WINDOW, PER_SPLIT, scale_log2,
-           key_batch, key_head, key_slot, value_batch, value_head, value_slot,
-           DIM: tl.constexpr, RATIO: tl.constexpr, RATIO_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+def _split(query, keys, values, position, acc, top_out, total_out, new_key, new_value, HEADS, FIRST, WINDOW,
+           PER_SPLIT, scale_log2, key_batch, key_head, key_slot, value_batch, value_head, value_slot,
+           new_key_batch, new_key_head, new_value_batch, new_value_head, DIM: tl.constexpr, RATIO: tl.constexpr,
+           RATIO_PAD: tl.constexpr, BLOCK_N: tl.constexpr, STORE: tl.constexpr):
     """One split of the slots of one (sequence, KV head): its unnormalized output, running maximum and total.
 
     The decoded token sits in slot ``position - FIRST``; the slots attended are the ``WINDOW`` up to it, at
-    slot 0 at the earliest."""
+    slot 0 at the earliest. With ``STORE``, its key and value are read from ``new_key``/``new_value``: the one
+    split whose slots hold it stores them there and attends them from its registers (no other program reads
+    that slot), which saves the two copy kernels of storing them first."""
     pair, split = tl.program_id(0), tl.program_id(1)
     b, h = pair // HEADS, pair % HEADS
     last = tl.load(position) - FIRST
@@ -49,6 +54,13 @@ def _split(query, keys, values, position, acc, top_out, total_out, HEADS, FIRST,
     q = tl.load(query + (pair * RATIO + offs_r)[:, None] * DIM + offs_d[None, :], mask=live_r[:, None], other=0)
     key_base = keys + b.to(tl.int64) * key_batch + h.to(tl.int64) * key_head
     value_base = values + b.to(tl.int64) * value_batch + h.to(tl.int64) * value_head
+    if STORE:
+        token_key = tl.load(new_key + b.to(tl.int64) * new_key_batch + h.to(tl.int64) * new_key_head + offs_d)
+        token_value = tl.load(new_value + b.to(tl.int64) * new_value_batch + h.to(tl.int64) * new_value_head
+                              + offs_d)
+        if (start <= last) & (last < stop):
+            tl.store(key_base + last.to(tl.int64) * key_slot + offs_d, token_key)
+            tl.store(value_base + last.to(tl.int64) * value_slot + offs_d, token_value)
     top = tl.full((RATIO_PAD,), float("-inf"), tl.float32)
     total = tl.zeros((RATIO_PAD,), tl.float32)
     out = tl.zeros((RATIO_PAD, DIM), tl.float32)
@@ -56,12 +68,16 @@ def _split(query, keys, values, position, acc, top_out, total_out, HEADS, FIRST,
         offs_n = first + tl.arange(0, BLOCK_N)
         live = offs_n < stop
         k = tl.load(key_base + offs_n[:, None] * key_slot + offs_d[None, :], mask=live[:, None], other=0)
+        if STORE:
+            k = tl.where((offs_n == last)[:, None], token_key[None, :], k)
         scores = tl.dot(q, tl.trans(k)) * scale_log2
         scores = tl.where(live[None, :], scores, float("-inf"))
         new_top = tl.maximum(top, tl.max(scores, 1))
         weights = tl.exp2(scores - new_top[:, None])
         rescale = tl.exp2(top - new_top)
         v = tl.load(value_base + offs_n[:, None] * value_slot + offs_d[None, :], mask=live[:, None], other=0)
+        if STORE:
+            v = tl.where((offs_n == last)[:, None], token_value[None, :], v)
         out = out * rescale[:, None] + tl.dot(weights.to(v.dtype), v)
         total = total * rescale + tl.sum(weights, 1)
         top = new_top
@@ -123,25 +139,30 @@ def splits_of(pairs: int, slots: int, device: torch.device, per_unit: int = SPLI
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, position: torch.Tensor, scaling: float,
-           first: int = 0, window: int | None = None) -> torch.Tensor:
+           first: int = 0, window: int | None = None,
+           new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of ``query`` (B, Hk, R, D), the R query heads of each KV head folded, over the slots of
     ``keys``/``values`` (B, Hk, N, D) (slots contiguous in D) up to the decoded token's, slot ``position - first``
     (``position`` a device tensor (1,), read by the kernel), and only the last ``window`` of them with a window.
-    Slots past the token's are never read. Returns (B, Hk, R, D) in the query's dtype."""
+    Slots past the token's are never read. ``new``, the decoded token's key and value (B, Hk, 1, D), are stored in
+    its slot by the kernel itself (without it, the slot must hold them already). Returns (B, Hk, R, D) in the
+    query's dtype."""
     batch, heads, ratio, dim = query.shape
     slots = keys.shape[2]
-    for tensor in (keys, values):
+    for tensor in (keys, values, *(new or ())):
         if tensor.stride(3) != 1:
             raise ValueError("key and value slots must be contiguous in the head dimension")
+    new_key, new_value = new if new is not None else (keys, values)  # unread without a new token
     splits, per_split = splits_of(batch * heads, slots, query.device)
     acc = torch.empty(batch * heads, splits, ratio, dim, dtype=torch.float32, device=query.device)
     stats = torch.empty(2, batch * heads, splits, ratio, dtype=torch.float32, device=query.device)
     query = query.contiguous()
     _split[(batch * heads, splits)](
-        query, keys, values, position, acc, stats[0], stats[1], heads, first,
+        query, keys, values, position, acc, stats[0], stats[1], new_key, new_value, heads, first,
         NO_WINDOW if window is None else window, per_split, scaling * math.log2(math.e),
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
-        DIM=dim, RATIO=ratio, RATIO_PAD=max(16, triton.next_power_of_2(ratio)), BLOCK_N=BLOCK, num_warps=WARPS)
+        new_key.stride(0), new_key.stride(1), new_value.stride(0), new_value.stride(1), DIM=dim, RATIO=ratio,
+        RATIO_PAD=max(16, triton.next_power_of_2(ratio)), BLOCK_N=BLOCK, STORE=new is not None, num_warps=WARPS)
     out = torch.empty_like(query)
     _merge[(batch * heads * ratio,)](acc, stats[0], stats[1], out, splits, DIM=dim, RATIO=ratio,
                                      SPLIT_BLOCK=MERGE_BLOCK)

@@ -192,9 +192,11 @@ def add_graph_option(parser: argparse.ArgumentParser) -> None:
                         help="replay decode steps from a CUDA graph: 'auto' (default) when every KV head is on the "
                              "GPU at the model's precision, 'on' to insist (refused for a plan that offloads or "
                              "quantizes heads), 'off' to decode eagerly")
-    parser.add_argument("--compile-layers", action="store_true",
-                        help="run the decoder layers through torch.compile in graph decode steps "
-                             "(fewer kernels per token; compiles on the first step)")
+    parser.add_argument("--compile-layers", choices=list(SETTINGS), default="auto", nargs="?", const="on",
+                        help="run the decoder layers through torch.compile in graph decode steps (fewer kernels "
+                             "per token; compiles on the first step, seconds with torch's cache warm): 'auto' "
+                             "(default) for CUDA graph steps, falling back if compiling fails; 'on' (or the bare "
+                             "flag) to insist, 'off' never")
 
 
 def cuda_graphs(args: argparse.Namespace) -> bool | str:
@@ -202,9 +204,9 @@ def cuda_graphs(args: argparse.Namespace) -> bool | str:
     return SETTINGS[getattr(args, "cuda_graphs", "auto")]
 
 
-def compile_layers(args: argparse.Namespace) -> bool:
-    """The engine's ``compile_layers`` from ``--compile-layers`` (off where the command has no such flag)."""
-    return getattr(args, "compile_layers", False)
+def compile_layers(args: argparse.Namespace) -> bool | str:
+    """The engine's ``compile_layers`` from ``--compile-layers`` (``"auto"`` where the command has no such flag)."""
+    return SETTINGS[getattr(args, "compile_layers", "auto")]
 
 
 def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "offload") -> None:

@@ -30,7 +30,7 @@ from headspace.documents.document import Document
 from headspace.documents.files import RUNTIME_OPTIONS, DocumentFile, model_fingerprint
 from headspace.documents.files import save as save_document
 from headspace.documents.store import DocumentStore
-from headspace.engine.graphs import CaptureError, GraphDecoder
+from headspace.engine.graphs import CaptureError, CompileError, GraphDecoder
 from headspace.engine.modes import MODES, CacheRequest, options_json
 from headspace.engine.sampling import SamplingParams, pick
 from headspace.engine.stats import Generation, Stats, placement_of
@@ -62,8 +62,10 @@ class Engine:
     ``offload`` plan with nothing offloaded); ``True`` asks for it and refuses a cache it cannot
     serve (on a CPU it runs the same static decode step without a graph); ``False`` decodes eagerly.
     ``compile_layers``: those static steps run each decoder layer through ``torch.compile``
-    (fewer, fused kernels per step; compiled on the first static step;
-    :class:`~headspace.engine.graphs.CompiledLayers`).
+    (fewer, fused kernels per step; compiled on the first static step, a few seconds with
+    torch's compile cache warm; :class:`~headspace.engine.graphs.CompiledLayers`). ``"auto"``
+    (the default) where the steps are captured on CUDA, falling back to uncompiled steps with a
+    warning if compiling fails; ``True`` also on a CPU, and a failure is an error; ``False`` never.
     """
 
     def __init__(
@@ -75,7 +77,7 @@ class Engine:
         allow_beyond_positions: bool = False,
         keep_bytes: int | str | None = "auto",
         cuda_graphs: bool | str = "auto",
-        compile_layers: bool = False,
+        compile_layers: bool | str = "auto",
         **options,
     ):
         if mode not in MODES:
@@ -94,8 +96,8 @@ class Engine:
         if cuda_graphs is True and self.mode.name != "offload":
             raise HeadspaceError(f"cuda_graphs=True needs mode 'offload' with every KV head on the GPU; mode "
                                  f"'{self.mode.name}' decodes eagerly (pass cuda_graphs='auto' or False)")
-        if not isinstance(compile_layers, bool):
-            raise HeadspaceError(f"compile_layers must be True or False, got {compile_layers!r}")
+        if compile_layers not in (True, False, "auto"):
+            raise HeadspaceError(f"compile_layers must be True, False or 'auto', got {compile_layers!r}")
         self.cuda_graphs, self.compile_layers = cuda_graphs, compile_layers
         self._graphs: GraphDecoder | None = None
         self._capture_failed = False  # with "auto": this model's step could not be captured, decode eagerly
@@ -211,11 +213,18 @@ class Engine:
         """Feed one new token; the logits of the next."""
         if self.graph_decodes(cache):
             self._use_attention()
+            capture = self.device.type == "cuda"
             if self._graphs is None:
-                self._graphs = GraphDecoder(self.model, capture=self.device.type == "cuda",
-                                            compile_layers=self.compile_layers)
+                compiled = self.compile_layers is True or (self.compile_layers == "auto" and capture)
+                self._graphs = GraphDecoder(self.model, capture=capture, compile_layers=compiled)
             try:
                 return self._graphs.step(token, cache)
+            except CompileError as error:  # nothing was stored: the step runs again uncompiled
+                if self.compile_layers is True:
+                    raise HeadspaceError(f"{error}; pass compile_layers=False") from error
+                warnings.warn(f"{error}; decoding without it", stacklevel=2)
+                self.compile_layers, self._graphs = False, None
+                return self.decode_step(token, cache)
             except CaptureError as error:
                 if self.cuda_graphs is True:
                     raise HeadspaceError(f"{error}; decode eagerly with cuda_graphs=False") from error

@@ -55,6 +55,10 @@ class CaptureError(RuntimeError):
     """The decode step could not be captured (something in the model's forward synchronizes with the host)."""
 
 
+class CompileError(RuntimeError):
+    """The decoder layers could not be compiled (no compiler for Triton's launcher, an op dynamo cannot trace)."""
+
+
 class CompiledLayers:
     """Compiled stand-ins for the decoder layers (the modules with a ``self_attn`` child), swapped into their
     parents while :meth:`active`. Compiled lazily, on their first call; dynamo takes each layer's weights as
@@ -144,6 +148,8 @@ class GraphDecoder:
             with torch.cuda.graph(graph):  # its own pool: freed with the graph (a pool shared across
                 # captures broke the allocator once every graph using it had gone)
                 logits = self._forward(cache)
+        except CompileError:
+            raise
         except RuntimeError as error:  # the cache stays as it was: the step can still run eagerly
             self._cache = self._static = None
             raise CaptureError(f"the decode step could not be captured in a CUDA graph: {error}") from error
@@ -151,7 +157,11 @@ class GraphDecoder:
 
     def _forward(self, cache: HeadspaceCache) -> torch.Tensor:
         cache.phase = Phase.DECODE
-        with self._static.step(), self.compiled.active() if self.compiled else contextlib.nullcontext():
-            out = self.model(input_ids=self.ids, position_ids=self._static.position.view(1, 1),
-                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        try:
+            with self._static.step(), self.compiled.active() if self.compiled else contextlib.nullcontext():
+                out = self.model(input_ids=self.ids, position_ids=self._static.position.view(1, 1),
+                                 past_key_values=cache, use_cache=True, logits_to_keep=1)
+        except torch._dynamo.exc.TorchDynamoException as error:  # compiling: the cache's counts did not move
+            self._cache = self._static = None
+            raise CompileError(f"the decoder layers could not be compiled: {str(error).splitlines()[0]}") from error
         return out.logits[:, -1].float()

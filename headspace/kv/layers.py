@@ -126,6 +126,7 @@ class WindowLayer(HeadspaceLayer):
         self.window = window
         self.store: DeviceKV | None = None
         self._static: tuple[int, int, int] | None = None  # static form: (storage, slot 0's position, slots)
+        self._token: tuple[torch.Tensor, torch.Tensor] | None = None  # static step: the key and value to store
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -163,14 +164,17 @@ class WindowLayer(HeadspaceLayer):
                 and self.store.length < slots)
 
     def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
-        self.store.write_at(static.slot(self._static[1]), key_states, value_states)
+        if slot_kernel(key_states):
+            self._token = key_states, value_states  # the kernel stores them as it attends
+        else:
+            self.store.write_at(static.slot(self._static[1]), key_states, value_states)
 
     def attend_static(self, query: torch.Tensor, scaling: float, static: StaticDecode) -> torch.Tensor:
         _, first, slots = self._static
         keys, values = self.store.slots(0, slots)
         folded = fold(query, keys.shape[1])
         if slot_kernel(folded):
-            out = attend_slots(folded, keys, values, scaling, static.position, first, self.window)
+            out = attend_slots(folded, keys, values, scaling, static.position, first, self.window, self._token)
         else:
             out = masked_decode_attention(folded, keys, values, scaling, static.window_mask(first, slots, self.window))
         return out.reshape(query.shape)
@@ -218,6 +222,7 @@ class OffloadLayer(HeadspaceLayer):
         self.reserved = 0
         self._static_storage: int | None = None  # the resident storage a static form of decode began with
         self._static_tail: StaticTail | None = None  # quantized resident heads: the static form's own tail
+        self._token: tuple[torch.Tensor, torch.Tensor] | None = None  # static step: the key and value to store
 
     def set_cpu_heads(self, cpu_heads: int) -> None:
         """Attend the last ``cpu_heads`` offloaded heads on the host in decode; stream the others."""
@@ -498,6 +503,8 @@ class OffloadLayer(HeadspaceLayer):
     def update_static(self, key_states: torch.Tensor, value_states: torch.Tensor, static: StaticDecode) -> None:
         if isinstance(self.resident, QuantizedKV):
             self._static_tail.write(static, key_states, value_states)
+        elif slot_kernel(key_states):
+            self._token = key_states, value_states  # the kernel stores them as it attends
         else:
             self.resident.write_at(static.slot(0), key_states, value_states)
 
@@ -507,7 +514,8 @@ class OffloadLayer(HeadspaceLayer):
             prefix = self._static_tail.prefix_lse(folded, scaling)
             keys, values = self._static_tail.slots(static.tail)
         elif slot_kernel(folded):  # prefix and tail at once, up to the position: no mask, no merge
-            out = attend_slots(folded, *self.resident.slots(0, static.prefix + static.tail), scaling, static.position)
+            out = attend_slots(folded, *self.resident.slots(0, static.prefix + static.tail), scaling, static.position,
+                               new=self._token)
             return out.reshape(query.shape)
         else:
             prefix = decode_lse(folded, *self.resident.slots(0, static.prefix), scaling) if static.prefix else None
@@ -534,21 +542,24 @@ class OffloadLayer(HeadspaceLayer):
 
 def slot_kernel(query: torch.Tensor) -> bool:
     """Whether a static step attends exact resident slots with the Triton kernel (:func:`attend_slots`): a folded
-    ``query`` in half precision on a GPU (float32 would meet tensor cores as tf32: the portable path keeps it exact),
-    a head size the kernel tiles (a power of two, at least 16), Triton installed."""
+    ``query`` (or the key the step stores: the same in all this asks) in half precision on a GPU (float32 would
+    meet tensor cores as tf32: the portable path keeps it exact), a head size the kernel tiles (a power of two, at
+    least 16), Triton installed."""
     dim = query.shape[-1]
     return (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and dim >= 16 and dim & (dim - 1) == 0
             and triton_available())
 
 
 def attend_slots(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float,
-                 position: torch.Tensor, first: int = 0, window: int | None = None) -> torch.Tensor:
+                 position: torch.Tensor, first: int = 0, window: int | None = None,
+                 new: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of the folded ``query`` over the slots up to the decoded token's (slot ``position - first``,
-    the last ``window`` of them with a window), in two kernels whatever the slots: what a CUDA graph replays is
-    the fewer small kernels (:mod:`headspace.attention.triton_decode`)."""
+    the last ``window`` of them with a window), in two kernels whatever the slots, which also store the token's
+    key and value, ``new``, in its slot: what a CUDA graph replays is the fewer small kernels
+    (:mod:`headspace.attention.triton_decode`)."""
     from headspace.attention import triton_decode  # Triton is imported only where it runs
 
-    return triton_decode.attend(query, keys, values, position, scaling, first, window)
+    return triton_decode.attend(query, keys, values, position, scaling, first, window, new)
 
 
 class StaticTail:

@@ -178,7 +178,7 @@ class TrainConfig:
     gap: int = 64
     synthetic: float = 0.5
     prose: float = 0.0
-    span_targets: str = "off"
+    span_targets: str = "statement"  # benchmarks/results/cpu_span_targets_smollm2.md
     seed: int = 0
     loss: str = "smooth_l1"
     smoothness: float = 0.0

@@ -191,6 +191,8 @@ def diagnose(model, tokenizer, args) -> list[dict]:
                     row["modes"][f"locret@{ratio:g}x"] = {
                         **answer_of(locret[ratio], document.context, sample, kept_docs[ratio]),
                         **survival(positions, keys, values)}
+                    if not args.oracle_caches:
+                        continue
                     cache = budget_cache(model, TableScores(table=oracle), prompt_tokens=n, chunk_size=CHUNK,
                                          compression=ratio, stabilizer=STABILIZER, sink=SINK)
                     _, cache = locret[ratio].prefill(ids, cache=cache)
@@ -264,7 +266,8 @@ def table(rows: list[dict], compressions: list[float]) -> str:
         cells.append(f"{mean([r['spearman'] for r in group]):.2f}")
         for ratio in compressions:
             for what in ("value_kept", "value_whole", "score"):
-                cells.append(" / ".join(percent(group, "modes", f"{mode}@{ratio:g}x", what)
+                cells.append(" / ".join(percent(group, "modes", f"{mode}@{ratio:g}x", what) if
+                                        f"{mode}@{ratio:g}x" in group[0]["modes"] else "-"
                                         for mode in ("locret", "oracle")))
         cells.append(percent(group, "modes", "full", "score"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -277,8 +280,8 @@ def layer_table(rows: list[dict], ratio: float) -> str:
              "spearman |", "|---|---|---|---|---|---|"]
     for at, layer in enumerate(rows[0]["layers"]):
         cells = [percent(rows, "heads_value_top", at, digits=1), percent(rows, "oracle_value_top", at, digits=1),
-                 percent(rows, "modes", f"locret@{ratio:g}x", "value_kept", at),
-                 percent(rows, "modes", f"oracle@{ratio:g}x", "value_kept", at),
+                 *(percent(rows, "modes", f"{mode}@{ratio:g}x", "value_kept", at)
+                   if f"{mode}@{ratio:g}x" in rows[0]["modes"] else "-" for mode in ("locret", "oracle")),
                  f"{mean([r['spearman'][at] for r in rows]):.2f}"]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -294,6 +297,10 @@ def main() -> None:
     parser.add_argument("--compressions", default="4,8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--oracle-caches", action=argparse.BooleanOptionalAction, default=True,
+                        help="also prefill a cache that keeps by the oracle's scores, per question and compression, "
+                             "and answer from it (the oracle's kept shares and answers: a prefill each, the slow "
+                             "part on a CPU; its ranks need none and are always reported)")
     parser.add_argument("--json", default="benchmarks/results/locret_diagnose.json")
     args = parser.parse_args()
     args.families = args.families.split(",")

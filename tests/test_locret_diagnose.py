@@ -62,7 +62,7 @@ def test_the_table_policy_keeps_the_best_ranked_tokens(diagnose, model):
 def test_a_run_reports_ranks_kept_shares_and_answers(diagnose, model, byte_tokenizer, tmp_path):
     heads = RetainingHeads(HeadsSpec.from_config(model.config, 8)).save(tmp_path / "heads.safetensors")
     args = argparse.Namespace(families=["heldout"], documents=1, length=500, seed=0, compressions=[4.0],
-                              heads=str(heads))
+                              heads=str(heads), oracle_caches=True)
     rows = diagnose.diagnose(model, byte_tokenizer, args)
     assert {r["family"] for r in rows} == {"heldout"} and len(rows) == 5  # four depths and a multi-key question
     for row in rows:
@@ -72,3 +72,7 @@ def test_a_run_reports_ranks_kept_shares_and_answers(diagnose, model, byte_token
         assert len(kept) == 1 and len(kept[0]) == 2 and all(0 <= k <= 1 for k in kept[0])
     text = diagnose.table(rows, [4.0]) + diagnose.layer_table(rows, 4.0)
     assert "| heldout | 5 | " in text and "| 1 | " in text
+    args.oracle_caches = False  # the ranks without the oracle's caches
+    rows = diagnose.diagnose(model, byte_tokenizer, args)
+    assert all(set(row["modes"]) == {"full", "locret@4x"} and row["oracle_key_top"] for row in rows)
+    assert "| heldout | 5 | " in diagnose.table(rows, [4.0]) + diagnose.layer_table(rows, 4.0)

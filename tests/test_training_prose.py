@@ -13,8 +13,22 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from headspace.evaluation.tasks import HELDOUT_TASKS, KEY_WORDS, MAIN_TASKS, VESSELS, make_document, make_sample
 from headspace.evaluation.texts import LOGBOOK, TOWN
 from headspace.eviction.retaining import corpus
-from headspace.eviction.retaining.corpus import FACTS, PROSE, TrainingSequence, corpus_sequences, prose_retrieval
-from headspace.eviction.retaining.train import TrainConfig, capture, retaining_loss, train_retaining_heads
+from headspace.eviction.retaining.corpus import (
+    FACTS,
+    PROSE,
+    Fact,
+    TrainingSequence,
+    corpus_sequences,
+    encode_statement,
+    prose_retrieval,
+)
+from headspace.eviction.retaining.train import (
+    TrainConfig,
+    capture,
+    lifted_spans,
+    retaining_loss,
+    train_retaining_heads,
+)
 from headspace.prompts import SentenceStream
 
 VOCAB = 128
@@ -41,16 +55,22 @@ def test_prose_sequences_state_each_fact_once_and_ask_with_its_answer():
     for seed in range(20):
         sequence = prose_retrieval(tokenizer, 600, random.Random(seed))
         assert sequence == prose_retrieval(tokenizer, 600, random.Random(seed))  # deterministic
-        assert 500 < len(sequence.ids) <= 600 and 1 <= len(sequence.spans) <= 4
+        assert 500 < len(sequence.ids) <= 600 and 1 <= len(sequence.facts) <= 4
         text = tokenizer.decode(sequence.ids)
         body, questions = text.rsplit("\n", 1)[0].split("\n")[0], text.split("\n", 1)[1]
         asked = 0
-        for start, stop in sequence.spans:
-            value = tokenizer.decode(sequence.ids[start:stop]).strip()
+        for fact in sequence.facts:
+            value = tokenizer.decode(sequence.ids[slice(*fact.value)]).strip()
+            key = tokenizer.decode(sequence.ids[slice(*fact.key)]).strip()
             assert re.fullmatch(r"\d{4,9}|[A-Z]{1,3}-\d{2,5}(-[A-Z])?|[A-Z][a-z]+ [A-Z][a-z]+", value), value
-            assert body.count(value) == 1  # stated once, in the prose
+            assert key in corpus.FACT_KEYS and fact.key[1] <= fact.value[0]  # a name, stated before the value
+            assert body.count(value) == 1 and body.count(key) == 1  # stated once, in the prose
             asked += f" {value}.\n" in questions
-        assert asked >= 1 and stop < len(sequence.ids) - 16  # questions come after the facts, with their answers
+            assert (key in questions) >= (f" {value}.\n" in questions)  # the question repeats the key
+            statement = tokenizer.decode(sequence.ids[slice(*fact.statement)])
+            assert fact.start <= fact.key[0] < fact.value[1] <= fact.stop and statement[0] == " "
+            assert any(statement == " " + template.format(key=key, value=value) for template, _, _ in FACTS)
+        assert asked >= 1 and fact.stop < len(sequence.ids) - 16  # questions come after the facts, with answers
 
 
 def test_corpus_mixes_plain_text_needles_and_prose_and_shifts_spans_past_the_start_token():
@@ -59,11 +79,12 @@ def test_corpus_mixes_plain_text_needles_and_prose_and_shifts_spans_past_the_sta
     stream = corpus_sequences(tokenizer, 300, seed=0, synthetic=0.3, prose=0.4)
     sequences = list(itertools.islice(stream, 30))
     assert all(isinstance(s, TrainingSequence) and s.ids[0] == 999 and len(s.ids) <= 300 for s in sequences)
-    with_spans = [s for s in sequences if s.spans]
-    assert 5 < len(with_spans) < 25
-    for sequence in with_spans:
-        for start, stop in sequence.spans:
-            assert start >= 1 and tokenizer.decode(sequence.ids[start:stop]).startswith(" ")
+    with_facts = [s for s in sequences if s.facts]
+    assert 5 < len(with_facts) < 25
+    for sequence in with_facts:
+        for fact in sequence.facts:
+            for start, stop in (fact.key, fact.value):
+                assert start >= 1 and tokenizer.decode(sequence.ids[start:stop]).startswith(" ")
     with pytest.raises(Exception, match="add up to"):
         next(corpus_sequences(tokenizer, 300, synthetic=0.7, prose=0.5))
 
@@ -109,18 +130,42 @@ def model():
                                         max_position_embeddings=256)).eval()
 
 
-def test_span_targets_give_every_token_of_a_value_the_span_maximum(model):
+def test_lifted_spans_give_every_token_of_a_group_the_group_maximum(model):
     ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(5))
-    spans = [(10, 17), (30, 33)]
+    facts = [Fact(key=(6, 8), value=(10, 17), statement=(5, 18)),
+             Fact(key=(24, 25), value=(30, 33), statement=(22, 34))]
     _, plain = capture(model, ids, smooth=1, tail=0, gap=3)
-    _, spanned = capture(model, ids, smooth=1, tail=0, gap=3, spans=spans)
-    outside = torch.ones(48, dtype=torch.bool)
-    for start, stop in spans:
-        outside[start:stop] = False
-        best = plain[:, start:stop].amax(dim=1, keepdim=True)  # (layers, 1, heads)
-        torch.testing.assert_close(spanned[:, start:stop], best.expand(-1, stop - start, -1))
-        assert (plain[:, start:stop] < best).any()  # the span's tokens did differ
-    torch.testing.assert_close(spanned[:, outside], plain[:, outside])
+    for mode, groups in (("value", [[(10, 17)], [(30, 33)]]), ("fact", [[(6, 8), (10, 17)], [(24, 25), (30, 33)]]),
+                         ("statement", [[(5, 18)], [(22, 34)]])):
+        assert lifted_spans(facts, mode) == groups
+        _, lifted = capture(model, ids, smooth=1, tail=0, gap=3, lifted=groups)
+        outside = torch.ones(48, dtype=torch.bool)
+        for group in groups:
+            best = torch.cat([plain[:, start:stop] for start, stop in group], dim=1).amax(dim=1, keepdim=True)
+            for start, stop in group:
+                outside[start:stop] = False
+                torch.testing.assert_close(lifted[:, start:stop], best.expand(-1, stop - start, -1))
+            assert (torch.cat([plain[:, a:b] for a, b in group], dim=1) < best).any()  # the tokens did differ
+        torch.testing.assert_close(lifted[:, outside], plain[:, outside])
+    assert lifted_spans(facts, "off") == []
+    with pytest.raises(Exception, match="span_targets"):
+        TrainConfig(span_targets="key")
+
+
+def test_statements_name_exactly_the_tokens_of_their_key_and_value(byte_tokenizer):
+    ids, fact = encode_statement(byte_tokenizer, " Record: {key} -> {value}. ", "amber-falcon", "90210")
+    text = byte_tokenizer.decode(ids)
+    assert text == " Record: amber-falcon -> 90210. "
+    assert byte_tokenizer.decode(ids[slice(*fact.key)]) == " amber-falcon"  # the space before it, nothing else
+    assert byte_tokenizer.decode(ids[slice(*fact.value)]) == " 90210"
+    pieces = [ids[: fact.key[0]], ids[fact.key[1] : fact.value[0]], ids[fact.value[1] :]]
+    assert [byte_tokenizer.decode(piece) for piece in pieces] == [" Record:", " ->", ". "]  # the rest, exactly
+    assert fact.statement == (fact.start, fact.stop) == (0, len(ids))
+    ids, fact = encode_statement(byte_tokenizer, " {key}'s code is {value}.", "Orla", "AB-12")
+    assert byte_tokenizer.decode(ids) == " Orla's code is AB-12." and fact.key[0] == 0
+    assert [byte_tokenizer.decode(ids[slice(*span)]) for span in (fact.key, fact.value)] == [" Orla", " AB-12"]
+    assert fact.shifted(3) == Fact((fact.key[0] + 3, fact.key[1] + 3), (fact.value[0] + 3, fact.value[1] + 3),
+                                   (3, len(ids) + 3))
 
 
 def test_training_on_spanned_sequences_reduces_the_loss(model):
@@ -129,13 +174,13 @@ def test_training_on_spanned_sequences_reduces_the_loss(model):
         while True:
             ids = torch.randint(0, VOCAB, (64,), generator=generator).tolist()
             start = int(torch.randint(4, 40, (1,), generator=generator))
-            yield TrainingSequence(ids, [(start, start + 6)])
+            yield TrainingSequence(ids, [Fact((start, start + 2), (start + 4, start + 9), (start - 1, start + 10))])
 
-    config = TrainConfig(steps=25, seq_len=64, lr=3e-3, hidden=16, batch_tokens=128, buffer_tokens=512, tail=8,
-                         gap=4, updates=4)
+    config = TrainConfig(steps=25, seq_len=64, span_targets="fact", lr=3e-3, hidden=16, batch_tokens=128,
+                         buffer_tokens=512, tail=8, gap=4, updates=4)
     held_out = next(sequences(99))
     x, y = capture(model, torch.tensor([held_out.ids]), config.smooth, config.tail, config.gap,
-                   spans=held_out.spans)
+                   lifted=lifted_spans(held_out.facts, "fact"))
     start, _ = train_retaining_heads(model, sequences(0), TrainConfig(**{**vars(config), "steps": 1}))
     trained, losses = train_retaining_heads(model, sequences(0), config)
     with torch.no_grad():
@@ -143,7 +188,7 @@ def test_training_on_spanned_sequences_reduces_the_loss(model):
     assert len(losses) == 25 and after < 0.7 * before
 
 
-def test_spliced_needles_name_the_spans_of_their_numbers(byte_tokenizer):
+def test_spliced_needles_name_the_spans_of_their_keys_and_numbers(byte_tokenizer):
     encode = lambda text: byte_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     filler = encode("The sky is blue. Here we go. There and back again. " * 40)
     found = 0
@@ -151,9 +196,10 @@ def test_spliced_needles_name_the_spans_of_their_numbers(byte_tokenizer):
         sequence = corpus.synthetic_retrieval(byte_tokenizer, filler, 300, random.Random(seed))
         assert len(sequence.ids) == 300
         text = byte_tokenizer.decode(sequence.ids)
-        for start, stop in sequence.spans:
-            value = byte_tokenizer.decode(sequence.ids[start:stop])
-            assert value.isdigit() and 4 <= len(value) <= 8 and text.count(value) >= 1
+        for fact in sequence.facts:
+            key, value = (byte_tokenizer.decode(sequence.ids[slice(*span)]) for span in (fact.key, fact.value))
+            assert re.fullmatch(r" [a-z]+(-[a-z]+)?", key) and key.strip().split("-")[0] in corpus._NEEDLE_WORDS
+            assert re.fullmatch(r" \d{4,8}", value) and text.count(value) >= 1
             found += 1
     assert found >= 10
 

@@ -24,6 +24,7 @@ from headspace.eviction.retaining.corpus import corpus_sequences, random_sequenc
 from headspace.eviction.retaining.train import (
     GROUP_POOLS,
     LOSSES,
+    SPAN_TARGETS,
     TrainConfig,
     train_command,
     train_retaining_heads,
@@ -69,9 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help=f"max-pool the targets over N neighbouring tokens (default {defaults.smooth}; 1: off)")
     recipe.add_argument("--gap", type=non_negative_int, default=defaults.gap, metavar="N",
                         help=f"targets ignore the N nearest later queries (default {defaults.gap})")
-    recipe.add_argument("--span-targets", action=argparse.BooleanOptionalAction, default=defaults.span_targets,
-                        help="every token of a stated value gets the value's largest target, so values are kept "
-                             f"whole (default {'on' if defaults.span_targets else 'off'})")
+    recipe.add_argument("--span-targets", choices=SPAN_TARGETS, default=defaults.span_targets,
+                        help="lift every token of a stated fact's value (value), of its key and value together "
+                             "(fact) or of its whole sentence (statement) to their largest target, so they are "
+                             f"kept or dropped whole (default {defaults.span_targets})")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser

@@ -22,6 +22,7 @@ from __future__ import annotations
 import ast
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,14 +32,61 @@ import torch
 from headspace.errors import HeadspaceError
 from headspace.prompts import Grammar, SentenceStream
 
+Span = tuple[int, int]  # (start, stop) token positions
+
+
+@dataclass(frozen=True)
+class Fact:
+    """Where a stated fact's tokens are: its ``key`` (the words that a question about it repeats to find it:
+    a name, a code word), its ``value`` (what the answer copies) and the whole ``statement`` that holds
+    them, exact by construction (:func:`encode_statement`), so that training can give them targets of
+    their own (:func:`headspace.eviction.retaining.train.lifted_spans`)."""
+
+    key: Span
+    value: Span
+    statement: Span
+
+    def shifted(self, offset: int) -> Fact:
+        return Fact(*((start + offset, stop + offset) for start, stop in (self.key, self.value, self.statement)))
+
+    @property
+    def start(self) -> int:
+        return self.statement[0]
+
+    @property
+    def stop(self) -> int:
+        return self.statement[1]
+
 
 @dataclass
 class TrainingSequence:
-    """Token ids and the ``spans`` (start, stop) of the values the sequence states and later asks about: the
-    tokens a retaining head must keep or drop together (:func:`headspace.eviction.retaining.train.capture`)."""
+    """Token ids and the ``facts`` that the sequence states and later asks about."""
 
     ids: list[int]
-    spans: list[tuple[int, int]] = field(default_factory=list)
+    facts: list[Fact] = field(default_factory=list)
+
+
+def encode_statement(tokenizer, template: str, key: str, value: str) -> tuple[list[int], Fact]:
+    """Token ids of ``template`` with its ``{key}`` and ``{value}`` filled in, and where they are.
+
+    Each placeholder is encoded on its own, taking the space before it (a word-initial token carries its
+    space), and so is each stretch of text between them: the spans hold exactly the key's and the value's
+    tokens, whatever the tokenizer would have merged across their edges.
+    """
+    pieces = re.split(r"(\{key\}|\{value\})", template)  # placeholders at odd indices
+    ids: list[int] = []
+    spans: dict[str, Span] = {}
+    space = ""
+    for index, piece in enumerate(pieces):
+        if index % 2:
+            start = len(ids)
+            ids += tokenizer(space + (key if piece == "{key}" else value), add_special_tokens=False)["input_ids"]
+            spans[piece] = (start, len(ids))
+            continue
+        space = " " if index + 1 < len(pieces) and piece.endswith(" ") else ""
+        if piece[: len(piece) - len(space)]:
+            ids += tokenizer(piece[: len(piece) - len(space)], add_special_tokens=False)["input_ids"]
+    return ids, Fact(spans["{key}"], spans["{value}"], (0, len(ids)))
 
 
 def stdlib_docstrings(limit_chars: int = 4_000_000) -> list[str]:
@@ -101,39 +149,27 @@ _NEEDLE_TEMPLATES = (
 
 
 def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: random.Random) -> TrainingSequence:
-    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer;
-    the spans of the needles' numbers where their tokens are found in the needle's."""
+    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer."""
     statement, question, answer = rng.choice(_NEEDLE_TEMPLATES)
     keys = rng.sample(_NEEDLE_WORDS, rng.randint(1, 4))
     keys = [f"{k}-{rng.choice(_NEEDLE_WORDS)}" if rng.random() < 0.5 else k for k in keys]
     values = [str(rng.randint(10 ** (n - 1), 10**n - 1)) for n in (rng.randint(4, 8) for _ in keys)]
     asked = rng.randrange(len(keys))
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    needles = [encode(" " + statement.format(key=k, value=v) + " ") for k, v in zip(keys, values)]
-    inner = [find(needle, encode(value)) for needle, value in zip(needles, values)]
-    ending = encode("\n" + question.format(key=keys[asked]) + " " + answer.format(key=keys[asked], value=values[asked]))
-    room = seq_len - len(ending) - sum(map(len, needles))
+    needles = [encode_statement(tokenizer, f" {statement} ", k, v) for k, v in zip(keys, values)]
+    ending = tokenizer("\n" + question.format(key=keys[asked]) + " " + answer.format(key=keys[asked],
+                       value=values[asked]), add_special_tokens=False)["input_ids"]
+    room = seq_len - len(ending) - sum(len(ids) for ids, _ in needles)
     body = list(filler_ids[: max(room, 0)])
     ends = [i + 1 for i, t in enumerate(body) if "." in tokenizer.decode([t])] or [len(body)]
-    spans: list[tuple[int, int]] = []
-    for needle, value in zip(needles, inner):
+    facts: list[Fact] = []
+    for needle, fact in needles:
         at = rng.choice(ends)
         body[at:at] = needle
         ends = [e + len(needle) if e >= at else e for e in ends]
-        spans = [(a + len(needle), b + len(needle)) if a >= at else (a, b) for a, b in spans]
-        if value is not None:
-            spans.append((at + value[0], at + value[1]))
+        facts = [f.shifted(len(needle)) if f.start >= at else f for f in facts] + [fact.shifted(at)]
     ids = body + ending
     cut = max(len(ids) - seq_len, 0)
-    return TrainingSequence(ids[cut:], [(a - cut, b - cut) for a, b in spans if a >= cut])
-
-
-def find(ids: list[int], part: list[int]) -> tuple[int, int] | None:
-    """Where ``part`` first occurs in ``ids``: (start, stop), or None."""
-    for start in range(len(ids) - len(part) + 1):
-        if ids[start : start + len(part)] == part:
-            return start, start + len(part)
-    return None
+    return TrainingSequence(ids[cut:], [f.shifted(-cut) for f in facts if f.start >= cut])
 
 
 # -- varied prose with facts: training-only grammars and fact wordings ------------------------------------
@@ -307,26 +343,20 @@ def prose_retrieval(tokenizer, seq_len: int, rng: random.Random) -> TrainingSequ
         length += len(pieces[-1])
     # each fact replaces a sentence at a random place in the first nine tenths of the prose
     slots = rng.sample(range(max(len(pieces) * 9 // 10, len(facts))), len(facts))
-    statements: dict[int, tuple[list[int], list[int]]] = {}
-    for slot, (key, (statement, _, _), value) in zip(slots, facts):
-        before, after = statement.format(key=key, value="\0").split("\0")
-        statements[slot] = (encode(" " + before.rstrip()), encode(" " + value), encode(after))
+    statements = {slot: encode_statement(tokenizer, " " + statement, key, value)
+                  for slot, (key, (statement, _, _), value) in zip(slots, facts)}
     ids: list[int] = []
-    spans: dict[int, tuple[int, int]] = {}
+    stated: list[Fact] = []
     for i, piece in enumerate(pieces):
         if i in statements:
-            head, value, tail = statements[i]
-            ids += head
-            spans[i] = (len(ids), len(ids) + len(value))
-            ids += value + tail
-        else:
-            ids += piece
+            piece, fact = statements[i]
+            stated.append(fact.shifted(len(ids)))
+        ids += piece
     body = seq_len - sum(map(len, ending))
     ids = ids[:body]
-    kept = [span for span in spans.values() if span[1] <= body]
     for piece in ending:
         ids += piece
-    return TrainingSequence(ids, kept)
+    return TrainingSequence(ids, [fact for fact in stated if fact.stop <= body])
 
 
 def corpus_sequences(tokenizer, seq_len: int = 1024, seed: int = 0, synthetic: float = 0.5,
@@ -361,7 +391,7 @@ def corpus_sequences(tokenizer, seq_len: int = 1024, seed: int = 0, synthetic: f
             sequence = synthetic_retrieval(tokenizer, take(seq_len), seq_len - len(bos), rng)
         else:
             sequence = TrainingSequence(take(seq_len - len(bos)))
-        yield TrainingSequence(bos + sequence.ids, [(a + len(bos), b + len(bos)) for a, b in sequence.spans])
+        yield TrainingSequence(bos + sequence.ids, [fact.shifted(len(bos)) for fact in sequence.facts])
 
 
 def random_sequences(vocab_size: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:

@@ -26,10 +26,11 @@ Design (this module's own implementation):
   every token look important, while eviction only matters once a token has left the
   stabilizer window of recent tokens that is always kept. The max is max-pooled over
   ``smooth`` neighbouring tokens (so spans such as multi-token numbers are kept
-  whole) and mapped to ``log(p + 1e-4)``. Where the training data knows a value's
-  tokens (a fact stated in its prose), every one of them gets the largest target of the
-  value (``span_targets``): a number is useful only whole, so its digits are kept or
-  dropped together. The last
+  whole) and mapped to ``log(p + 1e-4)``. Where the training data knows a fact's
+  tokens (a needle or a fact stated in its prose), ``span_targets`` lifts them: every
+  token of the value (``value``), or of the key and the value together (``fact``), gets
+  their largest target. A number is useful only whole, and only with the key through
+  which a question finds it, so they are kept or dropped together. The last
   ``tail`` positions of a training sequence are left out of the loss: too few later
   queries exist there for the max to mean anything.
 * **Loss**: smooth L1 on the log targets, averaged over layers and KV heads (MSE as an

@@ -24,7 +24,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from headspace.errors import HeadspaceError
-from headspace.eviction.retaining.corpus import TrainingSequence
+from headspace.eviction.retaining.corpus import Fact, Span, TrainingSequence
 from headspace.eviction.retaining.heads import TARGET_EPS, HeadsSpec, RetainingHeads, RopeInverse
 from headspace.shape import ModelShape
 
@@ -41,7 +41,7 @@ class Capture:
     tail: int = 192
     gap: int = 64
     group_pool: str = "max"  # how a KV head's target pools its query group: "max" (Locret) or "mean"
-    spans: list[tuple[int, int]] = field(default_factory=list)  # (start, stop) of tokens kept or dropped together
+    lifted: list[list[Span]] = field(default_factory=list)  # groups of spans kept or dropped together
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -55,8 +55,10 @@ class Capture:
         best = grouped.amax(dim=2) if self.group_pool == "max" else grouped.mean(dim=2)  # over the query group
         if self.smooth > 1:
             best = F.max_pool1d(best, self.smooth, stride=1, padding=self.smooth // 2)
-        for start, stop in self.spans:  # a value is useful only whole: each of its tokens matters as its best one
-            best[..., start:stop] = best[..., start:stop].amax(dim=-1, keepdim=True)
+        for group in self.lifted:  # a fact is useful only whole: each of its tokens matters as its best one
+            top = torch.stack([best[..., start:stop].amax(dim=-1) for start, stop in group]).amax(dim=0)
+            for start, stop in group:
+                best[..., start:stop] = top[..., None]
         target = torch.log(best + TARGET_EPS)
         keep = max(length - min(self.tail, length // 4), 1)  # leave out tokens with few later queries
         q, k = self.rope(query, 0), self.rope(keys, 0)
@@ -104,12 +106,13 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, lambda *args, **kwargs: None)
 @torch.no_grad()
 def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: int = 192, gap: int = 64,
             rope: RopeInverse | None = None, group_pool: str = "max",
-            spans: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            lifted: list[list[Span]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` on ``ids`` (1, L); return features (layers, N, F) and targets (layers, N, Hk)
     of its full-attention layers (``ModelShape.full_attention_layers``, in order): sliding-window layers
-    keep their window and are never scored, so they are not trained. Each of ``spans`` (start, stop), the
-    tokens of a value, gets the span's largest target on every token: kept whole or not at all."""
-    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(spans or []))
+    keep their window and are never scored, so they are not trained. Each group of ``lifted`` spans
+    (start, stop), such as a fact's key and value (:func:`lifted_spans`), gets the group's largest
+    target on every one of its tokens: kept whole or not at all."""
+    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []))
     previous = model.config._attn_implementation
     token = _capture.set(state)
     try:
@@ -124,6 +127,27 @@ def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: in
 # -- training ---------------------------------------------------------------------------------------------
 LOSSES = ("smooth_l1", "mse")
 GROUP_POOLS = ("max", "mean")
+SPAN_TARGETS = ("off", "value", "fact", "statement")
+
+
+def lifted_spans(facts: list[Fact], span_targets: str) -> list[list[Span]]:
+    """The groups of spans whose tokens :func:`capture` lifts to the group's largest target.
+
+    ``value``: each fact's value alone, so that a number is kept or dropped whole. ``fact``: each fact's
+    key and value together: a question finds the value through the key (it repeats the key's words), so
+    keeping the value's digits without the key that leads to them answers nothing, and the key's own
+    target, the attention of the few queries that repeat it, ranks it below the value that every
+    answer token copies from. ``statement``: each fact's whole sentence, with the words that relate the
+    key to the value, which the answer's prefix repeats and through which it reaches the value. ``off``:
+    none.
+    """
+    if span_targets == "value":
+        return [[fact.value] for fact in facts]
+    if span_targets == "fact":
+        return [[fact.key, fact.value] for fact in facts]
+    if span_targets == "statement":
+        return [[fact.statement] for fact in facts]
+    return []
 
 
 @dataclass
@@ -139,7 +163,7 @@ class TrainConfig:
     :mod:`headspace.eviction.retaining.heads`). The data: a ``synthetic`` share of needles
     spliced into offline text and a ``prose`` share of facts in generated prose (the rest
     plain text; :func:`~headspace.eviction.retaining.corpus.corpus_sequences`), with
-    ``span_targets`` giving every token of a stated value the value's largest target.
+    ``span_targets`` lifting the tokens of each stated fact to its largest target (:func:`lifted_spans`).
     """
 
     steps: int = 120
@@ -154,7 +178,7 @@ class TrainConfig:
     gap: int = 64
     synthetic: float = 0.5
     prose: float = 0.0
-    span_targets: bool = False
+    span_targets: str = "statement"  # benchmarks/results/cpu_span_targets_smollm2.md
     seed: int = 0
     loss: str = "smooth_l1"
     smoothness: float = 0.0
@@ -164,6 +188,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise HeadspaceError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
+        if self.span_targets not in SPAN_TARGETS:
+            raise HeadspaceError(f"span_targets must be one of {', '.join(SPAN_TARGETS)}, got '{self.span_targets}'")
         if self.group_pool not in GROUP_POOLS:
             raise HeadspaceError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got '{self.group_pool}'")
         if not (0 <= self.synthetic and 0 <= self.prose and self.synthetic + self.prose <= 1):
@@ -254,10 +280,10 @@ def train_retaining_heads(
             item = next(iterator)
         except StopIteration:
             break
-        ids, spans = (item.ids, item.spans) if isinstance(item, TrainingSequence) else (item, [])
+        ids, facts = (item.ids, item.facts) if isinstance(item, TrainingSequence) else (item, [])
         ids = torch.as_tensor(ids).reshape(1, -1)
         x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool,
-                       spans if config.span_targets else [])
+                       lifted_spans(facts, config.span_targets))
         if step == 0:
             heads.mean[layers] = x.mean(dim=1)
             heads.std[layers] = x.std(dim=1).clamp_min(1e-3)

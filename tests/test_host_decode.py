@@ -87,3 +87,13 @@ def test_items_cover_every_position_of_every_head_once():
             assert cuts[0][0] == 0 and cuts[-1][1] == keys.shape[2]
             assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
     assert len(items) >= 4 * 4  # enough pieces for the threads to share
+
+
+def test_loading_the_kernel_leaves_subnormal_numbers_alone():
+    """Linked with -ffast-math, gcc's start-up code would flush subnormals to zero in the whole process."""
+    for form in ((), WIDENED):
+        host_decode.library(form)
+    smallest_normal = 2.2250738585072014e-308
+    assert smallest_normal / 2 > 0.0
+    assert torch.tensor(1.1754944e-38, dtype=torch.float32) / 2 > 0
+

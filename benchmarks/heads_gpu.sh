@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Retaining heads for SmolLM2-135M and Gemma 3 270M with the training recipe of issue 14 (TrainConfig's
-# defaults: facts in generated prose, span targets), then benchmarks/locret_diagnose.py for the new heads and
+# Retaining heads for SmolLM2-135M and Gemma 3 270M with TrainConfig's default recipe (needles spliced into
+# offline text, every stated fact's sentence lifted to its largest target: span targets 'statement'), then benchmarks/locret_diagnose.py for the new heads and
 # for the shipped ones, on one GPU.
 #
 #   benchmarks/heads_gpu.sh            # train both (~1-2 min each on an H100), diagnose four ways (~1-2 min each)

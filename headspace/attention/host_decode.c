@@ -9,9 +9,9 @@
  * multiplied as stored by the bf16 dot-product instruction (two products per lane, float32 sums; the
  * probabilities meet the values in bf16, as flash attention on the GPU does); elsewhere, and for float32
  * KV, rows are widened to float32 in the compiler's vector extension (16 lanes: AVX-512, AVX2 or NEON code
- * for the machine it is compiled on, -march=native). On the H100's host the bf16 form decoded a row in
- * well under half the instructions of the widened one, which had left the kernel compute-bound at 5.5 GB/s
- * per core with its data in L2.
+ * for the machine it is compiled on, -march=native). On the H100's host the widened form was compute-bound
+ * (5.5 GB/s per core with its data in L2) and the bf16 form ran at 10.3
+ * (benchmarks/results/h100_host_decode_bench_{widened,bf16}.txt).
  *
  * The caller (host_decode.py) cuts the positions into items (span, head, first, stop) that the OpenMP
  * threads take one at a time; each item leaves its output and log-sum-exp, and one pass per head then
@@ -206,17 +206,22 @@ static void attend(const float *query, float scaling, const char *keys, const ch
 #else
     const int bf16 = 0;
 #endif
-    floats scaled[MAX_RATIO * MAX_CHUNKS] = {0};  /* rows past `ratio` stay zero */
-    for (int r = 0; r < ratio; r++)
-        for (int c = 0; c < chunks; c++)
-            for (int i = 0; i < LANES; i++) scaled[r * chunks + c][i] = query[r * dim + c * LANES + i] * scaling;
+    /* the query rows as the block form multiplies them, rows past `ratio` zero up to a whole group */
+    floats scaled[MAX_RATIO * MAX_CHUNKS];  /* widened: scaled, in float32 */
+    if (!bf16)
+        for (int r = 0; r < rows_padded; r++)
+            for (int c = 0; c < chunks; c++)
+                for (int i = 0; i < LANES; i++)
+                    scaled[r * chunks + c][i] = r < ratio ? query[r * dim + c * LANES + i] * scaling : 0.0f;
 #if defined(__AVX512BF16__)
-    __m512bh rounded[MAX_RATIO * MAX_CHUNKS / 2];  /* the rows in bf16, as the bf16 form multiplies them */
-    for (int i = 0; i < rows_padded * chunks / 2; i++) {
-        const float *source = query + (int64_t)i * 32;
-        rounded[i] = i < ratio * chunks / 2 ? _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source))
-                                            : (__m512bh)_mm512_setzero_si512();
-    }
+    __m512bh rounded[MAX_RATIO * MAX_CHUNKS / 2];  /* bf16: unscaled, rounded to bf16 */
+    if (bf16)
+        for (int i = 0; i < rows_padded * chunks / 2; i++) {
+            const float *source = query + (int64_t)i * 32;
+            rounded[i] = i < ratio * chunks / 2
+                             ? _mm512_cvtne2ps_pbh(_mm512_loadu_ps(source + 16), _mm512_loadu_ps(source))
+                             : (__m512bh)_mm512_setzero_si512();
+        }
 #endif
     for (int64_t start = first; start < stop; start += BLOCK) {
         const int rows = (int)(stop - start < BLOCK ? stop - start : BLOCK);

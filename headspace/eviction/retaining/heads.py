@@ -28,9 +28,10 @@ Design (this module's own implementation):
   ``smooth`` neighbouring tokens (so spans such as multi-token numbers are kept
   whole) and mapped to ``log(p + 1e-4)``. Where the training data knows a fact's
   tokens (a needle or a fact stated in its prose), ``span_targets`` lifts them: every
-  token of the value (``value``), or of the key and the value together (``fact``), gets
-  their largest target. A number is useful only whole, and only with the key through
-  which a question finds it, so they are kept or dropped together. The last
+  token of the value (``value``), of the key and the value together (``fact``), or of
+  the whole sentence that states them (``statement``, the default) gets their largest
+  target. A number is useful only whole, and only with the key through which a question
+  finds it, so they are kept or dropped together. The last
   ``tail`` positions of a training sequence are left out of the loss: too few later
   queries exist there for the max to mean anything.
 * **Loss**: smooth L1 on the log targets, averaged over layers and KV heads (MSE as an

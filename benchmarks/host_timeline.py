@@ -1,11 +1,11 @@
 """Where a decode step's time goes when the host CPU attends a share of every offloaded head.
 
 Runs one ``headspace bench`` cell (Llama-3-8B architecture, random weights, synthetic prefix) with
-the host worker's jobs and each layer's ``attend`` timed: per job, how long it waited for the
-query to reach the host, how long it attended, and the gap to the next job; over the timed
-steps, the host's rate in place (bytes attended / time attending) against the ceiling measured
-before the run. A host that waits for its query is idle because the GPU side of the layer
-before is slower; a layer whose ``attend`` takes as long as its host job is host-bound.
+the host jobs and each layer's ``attend`` timed: per job, when its query was there and when its
+output was written (the compiled kernel's own clock: a job handed over by flags begins, and
+waits for its query, while the job before still runs), so the host's idle time between jobs is
+the gap from one job's output to the next one's query; over the timed steps, the host's rate in
+place (bytes attended / time attending) against the ceiling measured before the run.
 
     python3 benchmarks/host_timeline.py --context 1m --json results/h100_host_timeline_1m.json
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -27,26 +28,31 @@ LAYERS = 32  # of the preset: each decode step attends this many layers
 
 
 def instrument(events: list[tuple]) -> None:
-    """Time the host jobs (query wait, attention) and every layer's attend, into ``events``."""
-    host_job, attend = layers.attend_on_host, layers.OffloadLayer.attend
+    """Time the host jobs (query there, output written) and every layer's attend, into ``events``."""
+    job, kernel, attend = layers.attend_on_host, layers.host_decode_lse, layers.OffloadLayer.attend
+    local = threading.local()
 
-    def timed_job(query, copied, streamed, whole_spans, front_spans, ratio, scaling, pin):
-        start = time.perf_counter()
-        if copied is not None:
-            copied.synchronize()
-        ready = time.perf_counter()
-        result = host_job(query, None, streamed, whole_spans, front_spans, ratio, scaling, pin)
-        nbytes = sum(2 * keys.numel() * keys.element_size() for keys, _ in (front_spans or []))
-        events.append(("host", start, ready, time.perf_counter(), nbytes))
+    def timed_kernel(*args, **kwargs):
+        times = torch.zeros(2, dtype=torch.float64)
+        result = kernel(*args, times=times, **kwargs)
+        local.times = (float(times[0]), float(times[1]))
         return result
 
+    def timed_job(task):
+        local.times = None
+        start = time.monotonic()
+        job(task)
+        ready, end = local.times or (start, time.monotonic())  # the torch path: from the job's start
+        nbytes = sum(2 * keys.numel() * keys.element_size() for keys, _ in (task.front_spans or []))
+        events.append(("host", start, ready, end, nbytes))
+
     def timed_attend(self, query, scaling, staging, phase, after=None):
-        start = time.perf_counter()
+        start = time.monotonic()
         out = attend(self, query, scaling, staging, phase, after)
-        events.append(("layer", start, time.perf_counter()))
+        events.append(("layer", start, time.monotonic()))
         return out
 
-    layers.attend_on_host, layers.OffloadLayer.attend = timed_job, timed_attend
+    layers.attend_on_host, layers.host_decode_lse, layers.OffloadLayer.attend = timed_job, timed_kernel, timed_attend
 
 
 def main() -> None:
@@ -64,21 +70,20 @@ def main() -> None:
     cell = bench.run("llama-3-8b", [args.context], modes, 4096, args.decode_steps, 0, device, ceilings)[0]
     print(bench.row(cell))
     timed = args.decode_steps * LAYERS
-    jobs = [e for e in events if e[0] == "host"][-timed:]
+    jobs = sorted((e for e in events if e[0] == "host"), key=lambda e: e[2])[-timed:]
     calls = [e for e in events if e[0] == "layer"][-timed:]
     busy = sum(end - ready for _, _, ready, end, _ in jobs)
     nbytes = sum(e[4] for e in jobs)
     result = dict(context=args.context, mode=args.mode, host_share=cell.host_share,
                   decode_tokens_per_s=cell.decode_tokens_per_s, bound=cell.decode_bound_tokens_per_s,
                   seconds=calls[-1][2] - calls[0][1], host_attending=busy,
-                  host_waiting_for_query=sum(ready - start for _, start, ready, _, _ in jobs),
-                  host_between_jobs=sum(b[1] - a[3] for a, b in zip(jobs, jobs[1:])), host_bytes=nbytes,
+                  host_between_jobs=sum(b[2] - a[3] for a, b in zip(jobs, jobs[1:])), host_bytes=nbytes,
                   host_rate_in_place=nbytes / busy if busy else None,
                   host_rate_ceiling=ceilings["host_attention_bytes_per_s"],
                   layers_attend_seconds=sum(end - start for _, start, end in calls),
-                  first_jobs_ms=[(round((s - jobs[0][1]) * 1e3, 2), round((r - s) * 1e3, 2), round((e - r) * 1e3, 2))
-                                 for _, s, r, e, _ in jobs[:40]],
-                  first_layers_ms=[(round((s - jobs[0][1]) * 1e3, 2), round((e - s) * 1e3, 2))
+                  first_jobs_ms=[(round((r - jobs[0][2]) * 1e3, 2), round((e - r) * 1e3, 2))
+                                 for _, _, r, e, _ in jobs[:40]],
+                  first_layers_ms=[(round((s - jobs[0][2]) * 1e3, 2), round((e - s) * 1e3, 2))
                                    for _, s, e in calls[:40]])
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("first_")}, indent=1))
     args.json.write_text(json.dumps(result, indent=1))

@@ -16,10 +16,16 @@
  * The caller (host_decode.py) cuts the positions into items (span, head, first, stop) that the OpenMP
  * threads take one at a time; each item leaves its output and log-sum-exp, and one pass per head then
  * merges them.
+ *
+ * In decode on a GPU the call may begin before its query has arrived: it waits for a flag in pinned memory
+ * that the GPU's copy stream writes once the query has landed, and writes another, that the GPU's compute
+ * stream waits for, once the output is in place (headspace/kv/signals.py). No Python thread, and so no
+ * interpreter lock, stands between the two sides.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -258,15 +264,53 @@ static void attend(const float *query, float scaling, const char *keys, const ch
     }
 }
 
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
+static double seconds_now(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)now.tv_sec + 1e-9 * (double)now.tv_nsec;
+}
+
+/* Returns once *flag has reached `value` (int32 counters that wrap), or -1 after `patience` seconds. Spins
+ * for about 0.1 ms, then naps 10 us at a time: the query comes 20-30 ms after the call begins at 1M tokens,
+ * and a core spinning all that time would be taken from the attention of the layer before. */
+static int await_flag(const int32_t *flag, int32_t value, double patience) {
+    double start = 0.0;
+    const struct timespec nap = {0, 10000};
+    for (long turn = 0;; turn++) {
+        if ((int32_t)((uint32_t)__atomic_load_n(flag, __ATOMIC_ACQUIRE) - (uint32_t)value) >= 0) return 0;
+        if (turn < 2000) {
+            relax();
+            continue;
+        }
+        if (turn == 2000) start = seconds_now();
+        else if (seconds_now() - start > patience) return -1;
+        nanosleep(&nap, NULL);
+    }
+}
+
 /* items: `count` rows of (span, head, first, stop); keys[s]/values[s]: span s's position 0 of head 0, heads
  * `key_strides[s]`/`value_strides[s]` elements apart, rows contiguous. query: (heads, ratio, dim) float32,
  * unscaled. parts: (count, ratio, dim) and part_lse (count, ratio) scratch; out (heads, ratio, dim), lse
- * (heads, ratio). Returns 0, or -1 when the ratio or the head size does not fit the kernel. */
+ * (heads, ratio). With `ready`, the query is read once *ready has reached `ready_value` (-2 if that takes
+ * over `patience` seconds); with `done`, *done is set to `done_value` once out and lse are written. With
+ * `times`, the monotonic clock's seconds when the query was there and when the output was written (for
+ * benchmarks/host_timeline.py). Returns 0, or -1 when the ratio or the head size does not fit the kernel. */
 int headspace_host_decode(int64_t count, const int64_t *items, const void *const *keys, const void *const *values,
                           const int64_t *key_strides, const int64_t *value_strides, int half, const float *query,
                           float scaling, int64_t heads, int64_t ratio, int64_t dim, float *parts, float *part_lse,
-                          float *out, float *lse, int threads) {
+                          float *out, float *lse, int threads, const int32_t *ready, int32_t ready_value,
+                          int32_t *done, int32_t done_value, double patience, double *times) {
     if (ratio > MAX_RATIO || dim % LANES || dim / LANES > MAX_CHUNKS) return -1;
+    if (ready && await_flag(ready, ready_value, patience)) return -2;
+    if (times) times[0] = seconds_now();
     const int64_t element = half ? 2 : 4;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t i = 0; i < count; i++) {
@@ -294,5 +338,7 @@ int headspace_host_decode(int64_t count, const int64_t *items, const void *const
             lse[head * ratio + r] = high + logf(total);
         }
     }
+    if (times) times[1] = seconds_now();
+    if (done) __atomic_store_n(done, done_value, __ATOMIC_RELEASE);
     return 0;
 }

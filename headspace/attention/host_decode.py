@@ -22,8 +22,11 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from headspace.errors import HeadspaceError
 
 SOURCE = Path(__file__).with_name("host_decode.c")
 # -ffast-math lets the compiler reorder the dot products' sums into vector lanes and call the vector exp; the
@@ -98,12 +101,38 @@ def supported(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]
         for pair in spans for tensor in pair)
 
 
+class Handoff(NamedTuple):
+    """Two int32 flags in pinned memory, by address: the kernel reads its query once ``ready`` has reached
+    ``ready_value`` (the GPU's copy stream sets it after the query's copy), and sets ``done`` to ``done_value``
+    once its output is written (the GPU's compute stream waits for that before it reads the output)."""
+
+    ready: int
+    ready_value: int
+    done: int
+    done_value: int
+
+
+PATIENCE = 60.0  # seconds a handed-off call waits for its query before it gives up
+
+
+def takes(query: torch.Tensor, spans) -> bool:
+    """Whether :func:`host_decode_lse` would attend ``query`` over ``spans`` (rather than answer None)."""
+    return isinstance(spans, list) and library() is not None and supported(query, [s for s in spans if s[0].shape[2]])
+
+
 def host_decode_lse(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float,
-                    threads: int, lib: ctypes.CDLL | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                    threads: int, lib: ctypes.CDLL | None = None, into: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    handoff: Handoff | None = None, times: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Decode attention of ``query`` (1, Hk, R, D), the R query rows of each KV head, over the consecutive
     ``spans`` of (1, Hk, n, D) keys and values, on ``threads`` cores: the output (1, Hk, R, D) in the query's
     dtype and the log-sum-exp (1, Hk, R) in float32. None when the kernel is not available or does not take
-    these tensors (:func:`supported`). ``lib``: a build of the kernel other than :func:`library`'s."""
+    these tensors (:func:`supported`). ``lib``: a build of the kernel other than :func:`library`'s.
+
+    ``into``: contiguous float32 (output, log-sum-exp) to write and return instead. ``handoff``: the flags of a
+    call that begins before its query has arrived (:class:`Handoff`); the query is then float32 and contiguous,
+    read where it lies. ``times``: a float64 pair that takes the monotonic clock's seconds when the query was
+    there and when the output was written."""
     if not isinstance(spans, list):  # an iterable that makes its spans as it goes (quantized rows)
         return None
     spans = [(keys, values) for keys, values in spans if keys.shape[2]]
@@ -113,9 +142,15 @@ def host_decode_lse(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.T
     _, heads, ratio, dim = query.shape
     items = items_of(spans, heads, threads)
     rows = query.float().contiguous()
+    if handoff is not None and rows.data_ptr() != query.data_ptr():
+        raise ValueError("a query that is still arriving must be float32 and contiguous: it is read where it lies")
     parts = torch.empty(len(items), ratio, dim)
     part_lse = torch.empty(len(items), ratio)
-    out, lse = torch.empty(1, heads, ratio, dim), torch.empty(1, heads, ratio)
+    out, lse = into if into is not None else (torch.empty(1, heads, ratio, dim), torch.empty(1, heads, ratio))
+    if not (out.dtype == lse.dtype == torch.float32 and out.is_contiguous() and lse.is_contiguous()):
+        raise ValueError("the kernel writes contiguous float32 outputs")
+    if times is not None and (times.dtype != torch.float64 or times.numel() != 2):
+        raise ValueError("times must be two float64 numbers")
 
     def pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
         return (ctypes.c_void_p * len(tensors))(*(tensor.data_ptr() for tensor in tensors))
@@ -129,7 +164,19 @@ def host_decode_lse(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.T
         strides(keys), strides(values), ctypes.c_int(STORAGE[keys[0].dtype]), ctypes.c_void_p(rows.data_ptr()),
         ctypes.c_float(scaling), ctypes.c_int64(heads), ctypes.c_int64(ratio), ctypes.c_int64(dim),
         ctypes.c_void_p(parts.data_ptr()), ctypes.c_void_p(part_lse.data_ptr()), ctypes.c_void_p(out.data_ptr()),
-        ctypes.c_void_p(lse.data_ptr()), ctypes.c_int(threads))
+        ctypes.c_void_p(lse.data_ptr()), ctypes.c_int(threads), *flags(handoff),
+        ctypes.c_void_p(times.data_ptr() if times is not None else None))
+    if status == -2:
+        raise HeadspaceError(f"the host attention waited {PATIENCE:.0f} s for its query from the GPU; the GPU "
+                             "stopped before it copied the query (see the error it reported)")
     if status != 0:
         raise ValueError(f"host decode kernel refused ratio {ratio}, head size {dim}")
-    return out.to(query.dtype), lse
+    return (out, lse) if into is not None else (out.to(query.dtype), lse)
+
+
+def flags(handoff: Handoff | None) -> tuple:
+    """The kernel's last arguments: the flags it waits for and sets, and how long it waits."""
+    if handoff is None:
+        return ctypes.c_void_p(None), ctypes.c_int32(0), ctypes.c_void_p(None), ctypes.c_int32(0), ctypes.c_double(0)
+    return (ctypes.c_void_p(handoff.ready), ctypes.c_int32(handoff.ready_value), ctypes.c_void_p(handoff.done),
+            ctypes.c_int32(handoff.done_value), ctypes.c_double(PATIENCE))

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from headspace.attention.host_decode import Handoff, host_decode_lse, takes
 from headspace.attention.kernels import (
     causal_attention,
     decode_lse,
@@ -35,6 +36,7 @@ from headspace.errors import HeadspaceError
 from headspace.kv.quant.attend import quantized_decode_lse, triton_available
 from headspace.kv.quant.precision import EXACT_KV, KVPrecision
 from headspace.kv.quant.store import QuantizedKV, dequantized_pieces
+from headspace.kv.signals import Signals
 from headspace.kv.split import host_worker
 from headspace.kv.static import StaticDecode
 from headspace.kv.streaming import Staging, Transfers
@@ -392,7 +394,7 @@ class OffloadLayer(HeadspaceLayer):
         elif decoding and self.resident is not None:
             out[:, : g * ratio] = attend_rows(query[:, : g * ratio], self.resident, slice(0, g),
                                               self.resident.rows.view(), scaling)
-        fronted = []  # streamed groups whose first positions the host attends: (query rows, heads, out, lse)
+        fronted = []  # of streamed groups whose first positions the host attends: the GPU's (out, lse)
         for index, group in enumerate(groups):
             slot = self._stage(staging, group, chunk, total, phase=phase)
             if index + 1 < len(groups):
@@ -412,59 +414,82 @@ class OffloadLayer(HeadspaceLayer):
             keys[:, :, start - front :] = tail_keys[:, heads]
             values[:, :, start - front :] = tail_values[:, heads]
             if front:
-                fronted.append((q, heads, *decode_lse(fold(query[:, q], width), keys, values, scaling)))
+                fronted.append(decode_lse(fold(query[:, q], width), keys, values, scaling))
             else:
                 out[:, q] = causal_attention(query[:, q], keys, values, scaling)
             staging.release(slot)
         if host_job is not None:
-            whole, front_part = host_job.result()
+            whole, front_part = host_job.deliver(self.transfers, out.device)
             if whole is not None:
-                out[:, (self.heads - self.cpu_heads) * ratio :] = whole.to(out.device, non_blocking=True)
-            if front_part is not None:
-                host_out, host_lse = (part.to(out.device, non_blocking=True) for part in front_part)
-                for q, heads, gpu_out, gpu_lse in fronted:
-                    merged, _ = merge_lse([(gpu_out, gpu_lse), (host_out[:, heads], host_lse[:, heads])])
-                    out[:, q] = merged.reshape(batch, -1, chunk, dim)
+                out[:, (self.heads - self.cpu_heads) * ratio :] = whole
+            if front_part is not None:  # every streamed group's part, merged with the host's at once
+                gpu_out, gpu_lse = (torch.cat(parts, dim=1) for parts in zip(*fronted, strict=True))
+                merged, _ = merge_lse([(gpu_out, gpu_lse), front_part])
+                out[:, g * ratio : (g + gpu_out.shape[1]) * ratio] = merged.reshape(batch, -1, chunk, dim)
+            # the next layer's job may begin (and wait for its query) while this one runs; none outlives the forward
+            host_worker().settle(keep=1 if host_job.handoff is not None and after is not None else 0)
         self.flush(phase)
         return out
 
-    def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float, front: int) -> Future:
-        """Copy the decode query of the offloaded heads to host memory and attend there, on the host worker
-        thread, the host's part: the first ``front`` positions of every streamed head, and the last
-        ``cpu_heads`` offloaded heads whole.
+    def _start_host_attention(self, query: torch.Tensor, ratio: int, scaling: float, front: int) -> HostJob:
+        """Copy the decode query of the offloaded heads to host memory and attend there, on the host worker,
+        the host's part: the first ``front`` positions of every streamed head, and the last ``cpu_heads``
+        offloaded heads whole.
 
         That KV never crosses PCIe, only the query and the outputs do; the worker's attention runs
         while the GPU attends the streamed groups, so the two share the work. A quantized host tier
         is read in its rows, dequantized piece by piece by the worker; its newest positions, on the
-        device in full precision, travel with the query.
+        device in full precision, travel with the query. Where the driver allows, the two sides hand
+        over through flags (:mod:`headspace.kv.signals`): the compiled kernel waits for the query
+        itself, and the GPU for the output, so this thread never waits in the middle of a layer.
         """
         offloaded = self.host.shape[1]
         streamed = offloaded - self.cpu_heads
         whole = slice(streamed, offloaded)
         quantized = isinstance(self.host, QuantizedKV)
-        d2h = self.transfers.d2h
-        self.transfers.wait(self.transfers.mark(), d2h)
-        with self.transfers.on(d2h):
-            host_query = query[:, self.gpu_heads * ratio :].to("cpu", non_blocking=True)
-            if quantized and self.cpu_heads:
-                recent = [tuple(part[:, whole].to("cpu", non_blocking=True) for part in self.host.recent)]
-        if quantized and self.cpu_heads and d2h is not None:
-            for part in self.host.recent:  # :meth:`flush` replaces them while the copy may still run
-                part.record_stream(d2h)
-        copied = self.transfers.mark(d2h)
+        batch, _, _, dim = query.shape
         whole_spans = front_spans = None
         if self.cpu_heads:
             tier = self.host.rows if quantized else self.host
             whole_spans = [(k[:, whole, at : at + n], v[:, whole, at : at + n])
                            for k, v, at, _, n in tier.spans(0, tier.length if quantized else self.length)]
-            if quantized:
-                whole_spans = HostRows(self.host.scheme, whole_spans, recent, self.head_dim, self.dtype)
         if front:
             fronts = slice(0, streamed)
             front_spans = [(k[:, fronts, at : at + n], v[:, fronts, at : at + n])
                            for k, v, at, _, n in self.host.spans(0, front)]
-        return host_worker().submit(attend_on_host, host_query, copied, streamed, whole_spans, front_spans, ratio,
-                                    scaling, self.transfers.cuda)
+        signals = self.transfers.signals
+        handoff = signals.next() if signals is not None else None
+        rows = query[:, self.gpu_heads * ratio :]
+        pin = self.transfers.cuda
+        d2h = self.transfers.d2h
+        if handoff is not None:  # float32, as the kernel reads it where it lands
+            rows = rows.float()
+            host_query = torch.empty(rows.shape, dtype=torch.float32, pin_memory=pin)
+        self.transfers.wait(self.transfers.mark(), d2h)
+        with self.transfers.on(d2h):
+            if handoff is not None:
+                host_query.copy_(rows, non_blocking=True)
+                if d2h is not None:
+                    rows.record_stream(d2h)
+            else:
+                host_query = rows.to("cpu", non_blocking=True)
+            if quantized and self.cpu_heads:
+                recent = [tuple(part[:, whole].to("cpu", non_blocking=True) for part in self.host.recent)]
+        if quantized and self.cpu_heads and d2h is not None:
+            for part in self.host.recent:  # :meth:`flush` replaces them while the copy may still run
+                part.record_stream(d2h)
+        if handoff is not None:
+            signals.ready_after_copies(handoff, d2h)
+        copied = self.transfers.mark(d2h)
+        if quantized and self.cpu_heads:
+            whole_spans = HostRows(self.host.scheme, whole_spans, recent, self.head_dim, self.dtype)
+        whole_out = (torch.empty(batch, self.cpu_heads * ratio, 1, dim, dtype=self.dtype, pin_memory=pin)
+                     if self.cpu_heads else None)
+        front_out = ((torch.empty(batch, streamed, ratio, dim, pin_memory=pin),
+                      torch.empty(batch, streamed, ratio, pin_memory=pin)) if front else None)
+        task = HostTask(host_query, copied, streamed, whole_spans, front_spans, ratio, scaling, self.dtype, whole_out,
+                        front_out, handoff, signals)
+        return HostJob(host_worker().submit(attend_on_host, task), whole_out, front_out, handoff)
 
     # static form (every head resident): the prefix stored when it began unmasked, then ``static.tail`` slots.
     # Exact heads keep the tail in their own storage; quantized heads in a buffer of their own (:class:`StaticTail`),
@@ -647,26 +672,70 @@ class HostRows:
         yield from self.recent
 
 
-def attend_on_host(query: torch.Tensor, copied: torch.cuda.Event | None, streamed: int,
-                   whole_spans: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
-                   front_spans: list[tuple[torch.Tensor, torch.Tensor]] | None, ratio: int, scaling: float,
-                   pin: bool) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-    """Decode attention on the host, once the query has arrived: ``query`` (B, heads * ratio, 1, D) holds the
-    offloaded heads' query rows, the first ``streamed`` heads' over ``front_spans`` (their first positions, the
-    rest streamed to the GPU: returned as folded output and log-sum-exp, to merge with it), the others' over
-    ``whole_spans`` (returned as (B, rows, 1, D)). Either part is None when there is none."""
-    if copied is not None:
-        copied.synchronize()  # the query, and before it this token's KV, are on the host
-    batch, q_heads, _, dim = query.shape
-    folded = query.reshape(batch, q_heads // ratio, ratio, dim)
-    splits = 4 * torch.get_num_threads()
-    whole = front = None
-    if front_spans is not None:
-        out, lse = split_decode_lse(folded[:, :streamed], front_spans, scaling, splits)
-        front = (out.pin_memory(), lse.pin_memory()) if pin else (out, lse)
-    if whole_spans is not None:
-        out = split_decode_attention(folded[:, streamed:], whole_spans, scaling, splits).reshape(batch, -1, 1, dim)
-        whole = out.pin_memory() if pin else out
-    return whole, front
+class HostTask(NamedTuple):
+    """What the host worker needs for a layer's host part (:func:`attend_on_host`)."""
+
+    query: torch.Tensor  # (B, heads * ratio, 1, D): the offloaded heads' query rows, in host memory
+    copied: torch.cuda.Event | None  # the query's copy (and before it this token's KV) done
+    streamed: int  # of the offloaded heads, the first ``streamed`` are streamed, the rest attended here whole
+    whole_spans: Iterable[tuple[torch.Tensor, torch.Tensor]] | None  # the whole heads' KV
+    front_spans: list[tuple[torch.Tensor, torch.Tensor]] | None  # the streamed heads' first positions
+    ratio: int
+    scaling: float
+    dtype: torch.dtype  # the model's: what torch attends the query in
+    whole_out: torch.Tensor | None  # (B, whole rows, 1, D), written here
+    front_out: tuple[torch.Tensor, torch.Tensor] | None  # float32 (B, streamed, ratio, D) and (B, streamed, ratio)
+    handoff: Handoff | None  # with flags: the query is float32 and may still be on its way
+    signals: Signals | None
 
 
+class HostJob(NamedTuple):
+    """A layer's host part in flight, and where its outputs land."""
+
+    future: Future
+    whole_out: torch.Tensor | None
+    front_out: tuple[torch.Tensor, torch.Tensor] | None
+    handoff: Handoff | None
+
+    def deliver(self, transfers: Transfers, device: torch.device) -> tuple[torch.Tensor | None, tuple | None]:
+        """The outputs on ``device``: copied once the host has written them, which the compute stream waits for
+        (a hand-over by flags), or this thread does."""
+        if self.handoff is not None:
+            transfers.signals.wait_done(self.handoff)
+        else:
+            self.future.result()
+        whole = self.whole_out.to(device, non_blocking=True) if self.whole_out is not None else None
+        front = tuple(part.to(device, non_blocking=True) for part in self.front_out) if self.front_out else None
+        return whole, front
+
+
+@torch.inference_mode()
+def attend_on_host(task: HostTask) -> None:
+    """Decode attention on the host: the first ``streamed`` heads' query rows over ``front_spans`` (their first
+    positions, the rest streamed to the GPU: written as folded output and log-sum-exp, to merge with it), the
+    others' over ``whole_spans``. Handed over by flags, the compiled kernel waits for the query and sets the done
+    flag itself; otherwise this thread waits for the copy, and the done flag (if any) is set when it ends, also
+    when it fails, so that the GPU never waits for it forever. (In inference mode: the outputs may be inference
+    tensors, made by a caller in it.)"""
+    try:
+        batch, q_heads, _, dim = task.query.shape
+        folded = task.query.reshape(batch, q_heads // task.ratio, task.ratio, dim)
+        threads = torch.get_num_threads()
+        if (task.handoff is not None and task.whole_spans is None
+                and takes(folded[:, : task.streamed], task.front_spans)):
+            host_decode_lse(folded[:, : task.streamed], task.front_spans, task.scaling, threads, into=task.front_out,
+                            handoff=task.handoff)
+            return
+        if task.copied is not None:
+            task.copied.synchronize()  # the query, and before it this token's KV, are on the host
+        folded = folded.to(task.dtype)
+        if task.front_spans is not None:
+            out, lse = split_decode_lse(folded[:, : task.streamed], task.front_spans, task.scaling, 4 * threads)
+            task.front_out[0].copy_(out)
+            task.front_out[1].copy_(lse)
+        if task.whole_spans is not None:
+            task.whole_out.copy_(split_decode_attention(folded[:, task.streamed :], task.whole_spans, task.scaling,
+                                                        4 * threads).reshape(batch, -1, 1, dim))
+    finally:
+        if task.handoff is not None:
+            task.signals.set_done(task.handoff)

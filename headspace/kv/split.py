@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import functools
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -121,13 +123,37 @@ def copy_rate(dst: torch.Tensor, src: torch.Tensor, device: torch.device, repeat
 SPARE_CORES = 2
 
 
+class HostWorker:
+    """The threads that run decode attention on the host CPU (its kernels release the GIL), and its jobs in flight.
+
+    Two threads, so that a layer's job can begin, and wait in the kernel for its query, while the job of the layer
+    before still runs: no Python then stands between the two (:mod:`headspace.kv.signals`). Each has every core
+    torch has but :data:`SPARE_CORES` (a thread's own count: the caller's stays as it was). Jobs are waited for in
+    the order they were given (:meth:`settle`), which also raises a failed job's error in the caller's thread.
+    """
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="headspace-host",
+                                       initializer=torch.set_num_threads, initargs=(threads,))
+        self.pending: deque[Future] = deque()
+
+    def submit(self, job: Callable, *args) -> Future:
+        while self.pending and self.pending[0].done():  # forget finished jobs (raising a failed one's error)
+            self.pending.popleft().result()
+        future = self.pool.submit(job, *args)
+        self.pending.append(future)
+        return future
+
+    def settle(self, keep: int = 0) -> None:
+        """Wait for the oldest jobs until at most ``keep`` are in flight, raising the first error met."""
+        while len(self.pending) > keep:
+            self.pending.popleft().result()
+
+
 @functools.cache
-def host_worker() -> ThreadPoolExecutor:
-    """The thread that runs decode attention on the host CPU (its kernels release the GIL), with every core torch
-    has but :data:`SPARE_CORES` (a thread's own count: the caller's stays as it was)."""
-    threads = max(1, torch.get_num_threads() - SPARE_CORES)
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="headspace-host", initializer=torch.set_num_threads,
-                              initargs=(threads,))
+def host_worker() -> HostWorker:
+    """The process's host worker."""
+    return HostWorker(max(1, torch.get_num_threads() - SPARE_CORES))
 
 
 def host_attention_rate(copying: tuple[torch.Tensor, torch.Tensor] | None = None, tokens: int = 2**20,

@@ -8,22 +8,30 @@ run synchronously: the bookkeeping, and therefore the results, are identical.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from headspace.kv.quant.store import QuantizedKV
+from headspace.kv.signals import Signals, signals_for
 from headspace.kv.tiers import HostKV
 
 
 class Transfers:
-    """The two copy streams of one device (none on CPU) and event helpers."""
+    """The two copy streams of one device (none on CPU), event helpers, and the host hand-over flags."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.h2d = torch.cuda.Stream(device) if self.cuda else None
         self.d2h = torch.cuda.Stream(device) if self.cuda else None
+
+    @functools.cached_property
+    def signals(self) -> Signals | None:
+        """The flags that decode's host part hands over through (None: it hands over through Python)."""
+        return signals_for(self.device)
 
     def on(self, stream: torch.cuda.Stream | None) -> AbstractContextManager:
         return torch.cuda.stream(stream) if stream is not None else nullcontext()

@@ -252,3 +252,6 @@ def test_locret_centering_lets_a_later_chunk_compete_by_its_own_ranking():
     scores = [[3.0, 2.0, 2.5, 2.2, 2.1], [-1.0, -3.0, -2.5, -3.0, -2.0]]  # medians 2.2 and -2.5
     assert locret_kept(scores, 4) == [0, 2, 3, 4]  # the first chunk's four best
     assert locret_kept(scores, 4, center=True) == [0, 2, 5, 9]  # 0.8 0.3 | 1.5 0.5 after centring
+    assert make_policy("locret", center=1).center is True  # as the command line gives it
+    with pytest.raises(HeadspaceError, match="center"):
+        make_policy("locret", center="false")

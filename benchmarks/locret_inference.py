@@ -8,8 +8,9 @@ default (chunk 1024, stabilizer 64, sink 4, pool 1, center 0). The budget follow
 so every setting keeps the same number of tokens. ``full``'s answers are computed once per document; each
 setting and ratio prefills every document once and asks all its questions. Per family it reports, means
 over questions, layers and KV heads: the share of the needle's key, value and whole fact (key through
-value) tokens kept and the share of (layer, head) pairs keeping each whole, and the exact answers. Run
-again with the same ``--json``, it resumes: the settings and ratios already there are kept.
+value) tokens kept and the share of (layer, head) pairs keeping each whole (stored per question as means
+over layers and heads), and the exact answers. Run again with the same ``--json``, it resumes: the
+settings and ratios already there are kept.
 
     python3 benchmarks/locret_inference.py --heads HEADS.safetensors --compressions 8 \\
         --setting pool=1 --setting pool=3 --setting stabilizer=16 --setting chunk=512 \\
@@ -73,14 +74,14 @@ def run(model, tokenizer, args, results: dict, path: Path) -> None:
             start, rows = time.perf_counter(), []
             for family, family_docs in docs.items():
                 for document in family_docs:
-                    kept = engine.prefill_document(document.context)
-                    positions = layer_state(kept.cache, "positions")
+                    prefilled = engine.prefill_document(document.context)
+                    positions = layer_state(prefilled.cache, "positions")
                     for question, sample in enumerate(document.questions):
-                        spans = token_spans(tokenizer, document.context, sample)
+                        kept = survival(positions, *token_spans(tokenizer, document.context, sample))
                         rows.append({"family": family, "document": document.index, "question": question,
-                                     "task": sample.task,
-                                     "depth": sample.depth, "answer": sample.answers[0], **survival(positions, *spans),
-                                     **answer_of(engine, document.context, sample, kept)})
+                                     "task": sample.task, "depth": sample.depth, "answer": sample.answers[0],
+                                     **{measure: mean(shares) for measure, shares in kept.items()},
+                                     **answer_of(engine, document.context, sample, prefilled)})
             results["runs"][name] = {"setting": label(setting), "ratio": ratio, "rows": rows,
                                      "seconds": time.perf_counter() - start}
             save(results, path)
@@ -115,16 +116,21 @@ def table(results: dict, names: list[str] | None = None) -> str:
 
 def depth_table(results: dict, names: list[str] | None = None) -> str:
     """Per setting, ratio and family: the value kept / whole and the answers (full's in brackets) per needle depth
-    (the multi-key question's is random: ``-``), which shows where in the document the budget went."""
+    of the single-needle questions, and of the multi-key questions (``-``: each at a random depth), which shows
+    where in the document the budget went."""
     runs = [results["runs"][name] for name in names or results["runs"]]
-    depths = sorted({r["depth"] for run in runs for r in run["rows"]}, key=lambda d: (d is None, d or 0))
+
+    def depth(row: dict) -> float | None:
+        return None if row["task"].endswith("multikey") else row["depth"]
+
+    depths = sorted({depth(r) for run in runs for r in run["rows"]}, key=lambda d: (d is None, d or 0))
     head = ["setting", "ratio", "family", *(f"depth {d if d is not None else '-'}" for d in depths)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         for family in dict.fromkeys(r["family"] for r in run["rows"]):
             cells = [run["setting"], f"{run['ratio']:g}x", family]
-            for depth in depths:
-                rows = [r for r in run["rows"] if r["family"] == family and r["depth"] == depth]
+            for at in depths:
+                rows = [r for r in run["rows"] if r["family"] == family and depth(r) == at]
                 scores = [results["full"][f"{family}/{r['document']}"][r["question"]] for r in rows]
                 cells.append(f"{100 * mean([r['value_kept'] for r in rows]):.0f} / "
                              f"{100 * mean([r['value_whole'] for r in rows]):.0f}: "

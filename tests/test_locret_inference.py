@@ -45,7 +45,8 @@ def test_a_sweep_runs_each_setting_once_and_resumes(sweep, byte_tokenizer, tmp_p
     assert len(results["full"]["heldout/0"]) == 5  # four depths and a multi-key question
     for run in results["runs"].values():
         assert len(run["rows"]) == 5
-        assert all(0 <= k <= 1 for row in run["rows"] for layer in row["value_kept"] for k in layer)
+        assert all(0 <= row[f"{m}_{what}"] <= 1 for row in run["rows"] for m in ("key", "value", "fact")
+                   for what in ("kept", "whole"))
     first = results["runs"]["default@4x"]["seconds"]
     sweep.run(model, byte_tokenizer, args, results, path)  # resumed: nothing runs again
     assert results["runs"]["default@4x"]["seconds"] == first

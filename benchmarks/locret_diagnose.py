@@ -104,8 +104,9 @@ class TableScores(Policy):
         return found.masked_fill(inputs.positions >= length, float("inf"))
 
 
-def token_spans(tokenizer, context: str, sample: Sample) -> tuple[list[int], list[int]]:
-    """Token indices of the asked needle's key words and of its value's digits in ``context``'s tokens."""
+def token_spans(tokenizer, context: str, sample: Sample) -> tuple[list[int], list[int], list[int]]:
+    """Token indices of the asked needle's key words, of its value's digits, and of the whole fact from its key's
+    first token to its value's last (the relation words between them included) in ``context``'s tokens."""
     value = sample.answers[0]
     start = context.index(value)
     key = next((m.group(1) for p in KEY_PATTERNS if (m := re.search(p, sample.question))), None)
@@ -117,7 +118,8 @@ def token_spans(tokenizer, context: str, sample: Sample) -> tuple[list[int], lis
 
     keys = covering(key_start, key_start + len(key)) if key_start >= 0 else []
     values = [i for i in covering(start, start + len(value)) if any(c.isdigit() for c in context[slice(*offsets[i])])]
-    return keys, values
+    fact = covering(key_start, start + len(value)) if key_start >= 0 else []
+    return keys, values, fact
 
 
 def top_share(scores: torch.Tensor, index: list[int]) -> torch.Tensor:
@@ -173,7 +175,7 @@ def diagnose(model, tokenizer, args) -> list[dict]:
             full_doc = full.prefill_document(document.context)
             kept_docs = {ratio: engine.prefill_document(document.context) for ratio, engine in locret.items()}
             for sample in document.questions:
-                keys, values = token_spans(tokenizer, document.context, sample)
+                keys, values, fact = token_spans(tokenizer, document.context, sample)
                 question_ids = full.encode(sample.question, special_tokens=False)
                 answer_ids = full.encode(" " + sample.answers[0], special_tokens=False)
                 oracle = question_attention(model, full_doc, torch.cat([question_ids, answer_ids], dim=1), layers)
@@ -190,14 +192,14 @@ def diagnose(model, tokenizer, args) -> list[dict]:
                     positions = layer_state(kept_docs[ratio].cache, "positions")
                     row["modes"][f"locret@{ratio:g}x"] = {
                         **answer_of(locret[ratio], document.context, sample, kept_docs[ratio]),
-                        **survival(positions, keys, values)}
+                        **survival(positions, keys, values, fact)}
                     if not args.oracle_caches:
                         continue
                     cache = budget_cache(model, TableScores(table=oracle), prompt_tokens=n, chunk_size=CHUNK,
                                          compression=ratio, stabilizer=STABILIZER, sink=SINK)
                     _, cache = locret[ratio].prefill(ids, cache=cache)
-                    row["modes"][f"oracle@{ratio:g}x"] = {**survival(layer_state(cache, "positions"), keys, values),
-                                                         **answer(locret[ratio], cache, question_ids, sample)}
+                    kept = survival(layer_state(cache, "positions"), keys, values, fact)
+                    row["modes"][f"oracle@{ratio:g}x"] = {**kept, **answer(locret[ratio], cache, question_ids, sample)}
                 rows.append(row)
                 print(summary_line(row), flush=True)
     return rows
@@ -209,11 +211,14 @@ def answer_of(engine: Engine, context: str, sample: Sample, document=None) -> di
     return {"text": text, "score": score(sample, text), "digits": digit_score(sample, text)}
 
 
-def survival(positions: dict[int, torch.Tensor], keys: list[int], values: list[int]) -> dict:
-    value_share, value_whole = kept_share(positions, values)
-    out = {"value_kept": value_share.tolist(), "value_whole": value_whole.tolist()}
-    if keys:
-        out["key_kept"] = kept_share(positions, keys)[0].tolist()
+def survival(positions: dict[int, torch.Tensor], keys: list[int], values: list[int],
+             fact: list[int] | None = None) -> dict:
+    """Kept shares and whole-kept shares (per layer and head) of the needle's value, key and, given, whole fact."""
+    out = {}
+    for name, index in (("value", values), ("key", keys), ("fact", fact)):
+        if index:
+            share, whole = kept_share(positions, index)
+            out[f"{name}_kept"], out[f"{name}_whole"] = share.tolist(), whole.tolist()
     return out
 
 

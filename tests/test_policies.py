@@ -216,24 +216,42 @@ def test_policies_that_remember_queries_hand_their_state_back(model, ids, policy
     assert chosen.state() is None
 
 
-def test_locret_pooling_keeps_a_high_scored_tokens_neighbours_with_it(model):
-    """With pool=3 a token scores the best of itself and its two neighbours, so the tokens of a value go together."""
+def locret_kept(chunks: list[list[float]], budget: int, **options) -> list[int]:
+    """The positions a locret layer keeps (one KV head, no stabilizer or sinks) when its heads score the prompt's
+    chunks as ``chunks`` says, chunk after chunk."""
 
     class FixedHeads:
+        def __init__(self):
+            self.calls = iter(chunks)
+
         def score(self, layer, query, keys, values):
-            return torch.tensor([0.0, 5.0, 0.0, 0.0, 0.0, 9.0, 0.0, 1.0])[None, None]
+            return torch.tensor(next(self.calls))[None, None]
 
-    def kept(pool: int) -> list[list[int]]:
-        policy = make_policy("locret", pool=pool)
-        policy.retaining, policy.rope = FixedHeads(), lambda x, start: x
-        settings = BudgetSettings(6, stabilizer=0, sink=0)
-        layer = BudgetLayer(0, policy, settings, chunk_size=8)
-        query, keys = torch.randn(1, 2, 8, 4), torch.randn(1, 1, 8, 4)
+    policy = make_policy("locret", **options)
+    policy.retaining, policy.rope = FixedHeads(), lambda x, start: x
+    layer = BudgetLayer(0, policy, BudgetSettings(budget, stabilizer=0, sink=0), chunk_size=len(chunks[0]))
+    for chunk in chunks:
+        keys = torch.randn(1, 1, len(chunk), 4)
         layer.update(keys, torch.randn_like(keys))
-        layer.attend(query, 1.0, None, Phase.PREFILL)
-        return [sorted(row) for row in layer.positions[0].tolist()]
+        layer.attend(torch.randn(1, 2, len(chunk), 4), 1.0, None, Phase.PREFILL)
+    return sorted(layer.positions[0, 0].tolist())
 
-    assert kept(3) == [[0, 1, 2, 4, 5, 6]]  # pooled: 5 5 5 0 9 9 9 1
-    assert {1, 5, 7} <= set(kept(1)[0])  # unpooled: the three scored tokens, then any three of the zeros
+
+def test_locret_pooling_keeps_a_high_scored_tokens_neighbours_with_it():
+    """With pool=3 a token scores the best of itself and its two neighbours, so the tokens of a value go together."""
+    scores = [[0.0, 5.0, 0.0, 0.0, 0.0, 9.0, 0.0, 1.0]]
+    assert locret_kept(scores, 6, pool=3) == [0, 1, 2, 4, 5, 6]  # pooled: 5 5 5 0 9 9 9 1
+    assert {1, 5, 7} <= set(locret_kept(scores, 6, pool=1))  # unpooled: the three scored tokens, then any zeros
     with pytest.raises(HeadspaceError, match="odd"):
         make_policy("locret", pool=2)
+
+
+def test_locret_centering_lets_a_later_chunk_compete_by_its_own_ranking():
+    """Centred on each chunk's median, a later chunk scored lower overall keeps its best tokens: the budget goes to
+    the best of each chunk by their standing within it, not to the whole chunk that the heads scored higher."""
+    scores = [[3.0, 2.0, 2.5, 2.2, 2.1], [-1.0, -3.0, -2.5, -3.0, -2.0]]  # medians 2.2 and -2.5
+    assert locret_kept(scores, 4) == [0, 2, 3, 4]  # the first chunk's four best
+    assert locret_kept(scores, 4, center=True) == [0, 2, 5, 9]  # 0.8 0.3 | 1.5 0.5 after centring
+    assert make_policy("locret", center=1).center is True  # as the command line gives it
+    with pytest.raises(HeadspaceError, match="center"):
+        make_policy("locret", center="false")

@@ -285,6 +285,28 @@ def test_capture_targets_are_max_later_attention(model):
     assert targets.std() > 0.5  # the maxima vary from token to token
 
 
+def test_relative_targets_weigh_each_query_by_the_keys_it_sees(model):
+    """``targets="relative"``: query i's probabilities times its i + 1 keys, so that attention diluted over a long
+    prefix counts as much as the same share of a short one."""
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(6))
+    gap = 2
+    _, plain = capture(model, ids, smooth=1, tail=0, gap=gap)
+    _, relative = capture(model, ids, smooth=1, tail=0, gap=gap, scale="relative")
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions
+    for layer, p in enumerate(probs):
+        grouped = p[0].reshape(2, 2, 40, 40)
+        for head in range(2):
+            for t in range(40 - gap):
+                later = grouped[head, :, t + gap :, t] * torch.arange(t + gap + 1, 41)
+                expected = torch.log(later.max() + 1e-4)
+                torch.testing.assert_close(relative[layer, t, head], expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, relative)
+    with pytest.raises(HeadspaceError, match="targets"):
+        TrainConfig(targets="uniform")
+
+
 def test_training_reduces_the_loss(model):
     config = TrainConfig(steps=25, seq_len=64, lr=3e-3, hidden=16, batch_tokens=128, buffer_tokens=512,
                          tail=8, gap=4, updates=4)

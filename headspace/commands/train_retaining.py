@@ -25,6 +25,7 @@ from headspace.eviction.retaining.train import (
     GROUP_POOLS,
     LOSSES,
     SPAN_TARGETS,
+    TARGET_SCALES,
     TrainConfig,
     train_command,
     train_retaining_heads,
@@ -74,6 +75,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="lift every token of a stated fact's value (value), of its key and value together "
                              "(fact) or of its whole sentence (statement) to their largest target, so they are "
                              f"kept or dropped whole (default {defaults.span_targets})")
+    recipe.add_argument("--targets", choices=TARGET_SCALES, default=defaults.targets,
+                        help="train to the attention probabilities later queries give a token (probability), or to "
+                             "each query's probability times the keys it sees (relative), which does not fall with "
+                             f"position (default {defaults.targets})")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser
@@ -87,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                          updates=args.updates, synthetic=args.synthetic, prose=args.prose, seed=args.seed,
                          loss=args.loss, span_targets=args.span_targets,
                          smoothness=args.smoothness, group_pool=args.group_pool, smooth=args.smooth, gap=args.gap,
-                         weight_decay=args.weight_decay)
+                         weight_decay=args.weight_decay, targets=args.targets)
     path = train_for_model(args.model, args.out, config, device=str(device), command=train_command())
     note(f"wrote retaining heads to {path} ({human_bytes(path.stat().st_size)})")
     return 0

@@ -42,6 +42,7 @@ class Capture:
     gap: int = 64
     group_pool: str = "max"  # how a KV head's target pools its query group: "max" (Locret) or "mean"
     lifted: list[list[Span]] = field(default_factory=list)  # groups of spans kept or dropped together
+    scale: str = "probability"  # "relative": each query's probabilities times the keys it sees (TrainConfig.targets)
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -50,6 +51,8 @@ class Capture:
         batch, q_heads, length, _ = query.shape
         kv_heads = keys.shape[1]
         later = probs.tril(-self.gap)  # p(i, t) for queries i >= t + gap
+        if self.scale == "relative":  # query i spreads over i + 1 keys: its share against a uniform one
+            later *= torch.arange(1, length + 1, device=later.device, dtype=later.dtype)[:, None]
         best = later.amax(dim=2)  # (B, Hq, L): over queries
         grouped = best.view(batch, kv_heads, q_heads // kv_heads, length)
         best = grouped.amax(dim=2) if self.group_pool == "max" else grouped.mean(dim=2)  # over the query group
@@ -106,13 +109,13 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, lambda *args, **kwargs: None)
 @torch.no_grad()
 def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: int = 192, gap: int = 64,
             rope: RopeInverse | None = None, group_pool: str = "max",
-            lifted: list[list[Span]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            lifted: list[list[Span]] | None = None, scale: str = "probability") -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` on ``ids`` (1, L); return features (layers, N, F) and targets (layers, N, Hk)
     of its full-attention layers (``ModelShape.full_attention_layers``, in order): sliding-window layers
     keep their window and are never scored, so they are not trained. Each group of ``lifted`` spans
     (start, stop), such as a fact's key and value (:func:`lifted_spans`), gets the group's largest
-    target on every one of its tokens: kept whole or not at all."""
-    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []))
+    target on every one of its tokens: kept whole or not at all. ``scale``: :attr:`TrainConfig.targets`."""
+    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []), scale=scale)
     previous = model.config._attn_implementation
     token = _capture.set(state)
     try:
@@ -128,6 +131,7 @@ def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: in
 LOSSES = ("smooth_l1", "mse")
 GROUP_POOLS = ("max", "mean")
 SPAN_TARGETS = ("off", "value", "fact", "statement")
+TARGET_SCALES = ("probability", "relative")
 
 
 def lifted_spans(facts: list[Fact], span_targets: str) -> list[list[Span]]:
@@ -164,6 +168,11 @@ class TrainConfig:
     spliced into offline text and a ``prose`` share of facts in generated prose (the rest
     plain text; :func:`~headspace.eviction.retaining.corpus.corpus_sequences`), with
     ``span_targets`` lifting the tokens of each stated fact to its largest target (:func:`lifted_spans`).
+    ``targets``: the attention probabilities as they are (``probability``), or each query's times the number of
+    keys it sees (``relative``, its share against a uniform one). A query late in a long sequence spreads over
+    many keys, so with plain probabilities the targets, and the trained scores, fall with position, and at
+    inference a late chunk's tokens lose the budget to early filler (on SmolLM2 the second 1K chunk scored
+    lower than the first in 347 of 360 document-layers: benchmarks/results/cpu_locret_inference_smollm2.md).
     """
 
     steps: int = 120
@@ -184,12 +193,15 @@ class TrainConfig:
     smoothness: float = 0.0
     group_pool: str = "max"
     weight_decay: float = 0.0
+    targets: str = "probability"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise HeadspaceError(f"loss must be one of {', '.join(LOSSES)}, got '{self.loss}'")
         if self.span_targets not in SPAN_TARGETS:
             raise HeadspaceError(f"span_targets must be one of {', '.join(SPAN_TARGETS)}, got '{self.span_targets}'")
+        if self.targets not in TARGET_SCALES:
+            raise HeadspaceError(f"targets must be one of {', '.join(TARGET_SCALES)}, got '{self.targets}'")
         if self.group_pool not in GROUP_POOLS:
             raise HeadspaceError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got '{self.group_pool}'")
         if not (0 <= self.synthetic and 0 <= self.prose and self.synthetic + self.prose <= 1):
@@ -283,7 +295,7 @@ def train_retaining_heads(
         ids, facts = (item.ids, item.facts) if isinstance(item, TrainingSequence) else (item, [])
         ids = torch.as_tensor(ids).reshape(1, -1)
         x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool,
-                       lifted_spans(facts, config.span_targets))
+                       lifted_spans(facts, config.span_targets), config.targets)
         if step == 0:
             heads.mean[layers] = x.mean(dim=1)
             heads.std[layers] = x.std(dim=1).clamp_min(1e-3)

@@ -103,12 +103,8 @@ def test_a_layer_handing_over_through_flags_decodes_the_logits_of_full(monkeypat
         pytest.skip("the driver's stream operations need a GPU")
     if where == "torch":  # the worker waits for the query itself and sets the done flag from Python
         monkeypatch.setattr(layers, "takes", lambda *args: False)
-    if where == "cuda":
-        signals = signals_for(torch.device("cuda"))
-        start = signals.count
-    else:
-        signals, start = HostSideSignals(), 0
-        monkeypatch.setattr(Transfers, "signals", signals)
+    if where != "cuda":
+        monkeypatch.setattr(Transfers, "signals", HostSideSignals())
     model = tiny_llama().to("cuda" if where == "cuda" else "cpu")
     ids = torch.randint(0, 128, (1, 1500), generator=torch.Generator().manual_seed(3)).to(model.device)
     full = Engine(model, None, mode="full")
@@ -122,7 +118,9 @@ def test_a_layer_handing_over_through_flags_decodes_the_logits_of_full(monkeypat
         expected = full.decode_step(token, full_cache)
         assert_logits_equal(engine.decode_step(token, cache), expected)
         token = int(expected.argmax())
-    assert signals.count - start == 4 * len(cache.layers)  # every layer of every step handed over
+    signals = cache.layers[0].transfers.signals
+    assert signals is not None and all(layer.transfers.signals is signals for layer in cache.layers)
+    assert signals.count == 4 * len(cache.layers)  # every layer of every step handed over
     assert int(signals.flags[READY]) == int(signals.flags[DONE]) == signals.count
 
 

@@ -45,11 +45,12 @@ def driver() -> ctypes.CDLL | None:
 
 
 class Signals:
-    """The ready and done counters of one device's decode hand-overs, and the stream operations on them.
+    """The ready and done counters of one cache's decode hand-overs, and the stream operations on them.
 
-    One counter pair serves every layer: each hand-over takes the next value, and values only grow
-    (modulo 2**32), so a wait for a value is met by it or any later one. Hand-overs happen one after
-    another (a layer's query follows the previous layer's output), so that never lets a wait through early.
+    One counter pair serves every layer of the cache: each hand-over takes the next value, and values only
+    grow (modulo 2**32), so a wait for a value is met by it or any later one. A cache's hand-overs happen one
+    after another (a layer's query follows the previous layer's output), so that never lets a wait through
+    early.
     """
 
     def __init__(self, lib: ctypes.CDLL, flags: torch.Tensor, address: int):
@@ -87,36 +88,41 @@ class Signals:
 
 
 def signals_for(device: torch.device) -> Signals | None:
-    """Hand-over flags for ``device``, or None on a CPU or where the driver refuses its stream operations (then
-    warned once)."""
+    """New hand-over flags for ``device`` (each cache its own, so that caches used side by side never read each
+    other's counters), or None on a CPU or where the driver refuses its stream operations (then warned once)."""
     if device.type != "cuda":
         return None
-    return _signals(device.index if device.index is not None else torch.cuda.current_device())
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _new(driver(), index) if _usable(index) else None
+
+
+def _new(lib: ctypes.CDLL, index: int) -> Signals | None:
+    with torch.cuda.device(index):
+        flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+    address = ctypes.c_uint64()
+    status = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(address), ctypes.c_void_p(flags.data_ptr()), 0)
+    return Signals(lib, flags, address.value) if status == 0 else None
 
 
 @functools.cache
-def _signals(index: int) -> Signals | None:
+def _usable(index: int) -> bool:
+    """Whether the driver takes both stream operations on pinned memory: one round trip, once per device."""
     lib = driver()
-    if lib is None:
-        return None
-    with torch.cuda.device(index):
-        flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
-        address = ctypes.c_uint64()
-        status = lib.cuMemHostGetDevicePointer_v2(ctypes.byref(address), ctypes.c_void_p(flags.data_ptr()), 0)
-        signals = Signals(lib, flags, address.value) if status == 0 else None
-        if signals is not None:
-            try:  # a round trip through both operations, so that a driver that refuses them is found here
+    signals = _new(lib, index) if lib is not None else None
+    if signals is not None:
+        try:
+            with torch.cuda.device(index):
                 handoff = signals.next()
                 stream = torch.cuda.current_stream()
                 signals.ready_after_copies(handoff, stream)
                 signals.set_done(handoff)
                 signals.wait_done(handoff)
                 stream.synchronize()
-                signals = signals if int(flags[READY]) == handoff.ready_value else None
-            except RuntimeError:
-                signals = None
-    if signals is None:
-        warnings.warn("headspace: the CUDA driver's stream operations are not available; the host's decode "
-                      "attention hands over through Python, which leaves it idle between layers", RuntimeWarning,
-                      stacklevel=3)
-    return signals
+            if int(signals.flags[READY]) == handoff.ready_value:
+                return True
+        except RuntimeError:
+            pass
+    warnings.warn("headspace: the CUDA driver's stream operations are not available; the host's decode "
+                  "attention hands over through Python, which leaves it idle between layers", RuntimeWarning,
+                  stacklevel=3)
+    return False

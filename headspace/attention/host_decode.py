@@ -115,11 +115,6 @@ class Handoff(NamedTuple):
 PATIENCE = 60.0  # seconds a handed-off call waits for its query before it gives up
 
 
-def takes(query: torch.Tensor, spans) -> bool:
-    """Whether :func:`host_decode_lse` would attend ``query`` over ``spans`` (rather than answer None)."""
-    return isinstance(spans, list) and library() is not None and supported(query, [s for s in spans if s[0].shape[2]])
-
-
 def host_decode_lse(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.Tensor]], scaling: float,
                     threads: int, lib: ctypes.CDLL | None = None, into: tuple[torch.Tensor, torch.Tensor] | None = None,
                     handoff: Handoff | None = None, times: torch.Tensor | None = None
@@ -127,7 +122,8 @@ def host_decode_lse(query: torch.Tensor, spans: list[tuple[torch.Tensor, torch.T
     """Decode attention of ``query`` (1, Hk, R, D), the R query rows of each KV head, over the consecutive
     ``spans`` of (1, Hk, n, D) keys and values, on ``threads`` cores: the output (1, Hk, R, D) in the query's
     dtype and the log-sum-exp (1, Hk, R) in float32. None when the kernel is not available or does not take
-    these tensors (:func:`supported`). ``lib``: a build of the kernel other than :func:`library`'s.
+    these tensors (:func:`supported`), answered before anything is waited for. ``lib``: a build of the kernel
+    other than :func:`library`'s.
 
     ``into``: contiguous float32 (output, log-sum-exp) to write and return instead. ``handoff``: the flags of a
     call that begins before its query has arrived (:class:`Handoff`); the query is then float32 and contiguous,

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from headspace.attention.host_decode import Handoff, host_decode_lse, takes
+from headspace.attention.host_decode import Handoff, host_decode_lse
 from headspace.attention.kernels import (
     causal_attention,
     decode_lse,
@@ -721,10 +721,9 @@ def attend_on_host(task: HostTask) -> None:
         batch, q_heads, _, dim = task.query.shape
         folded = task.query.reshape(batch, q_heads // task.ratio, task.ratio, dim)
         threads = torch.get_num_threads()
-        if (task.handoff is not None and task.whole_spans is None
-                and takes(folded[:, : task.streamed], task.front_spans)):
-            host_decode_lse(folded[:, : task.streamed], task.front_spans, task.scaling, threads, into=task.front_out,
-                            handoff=task.handoff)
+        if task.handoff is not None and task.whole_spans is None and host_decode_lse(
+                folded[:, : task.streamed], task.front_spans, task.scaling, threads, into=task.front_out,
+                handoff=task.handoff) is not None:  # None: the kernel does not take these, before any wait
             return
         if task.copied is not None:
             task.copied.synchronize()  # the query, and before it this token's KV, are on the host

@@ -292,24 +292,29 @@ def layer_table(rows: list[dict], ratio: float) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def document_arguments(parser: argparse.ArgumentParser, documents: int, families: str, compressions: str) -> None:
+    """The model, heads, documents and compressions a diagnosis runs on (also benchmarks/locret_inference.py's);
+    ``--families`` and ``--compressions`` parse to lists."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--heads", default=None, help="retaining heads file (default: the shipped one)")
     parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--documents", type=int, default=2, help="documents per family")
-    parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--compressions", default="4,8")
+    parser.add_argument("--documents", type=int, default=documents, help="documents per family")
+    parser.add_argument("--families", default=families, type=lambda text: text.split(","))
+    parser.add_argument("--compressions", default=compressions,
+                        type=lambda text: [float(ratio) for ratio in text.split(",")])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    document_arguments(parser, documents=2, families=",".join(FAMILIES), compressions="4,8")
     parser.add_argument("--oracle-caches", action=argparse.BooleanOptionalAction, default=True,
                         help="also prefill a cache that keeps by the oracle's scores, per question and compression, "
                              "and answer from it (the oracle's kept shares and answers: a prefill each, the slow "
                              "part on a CPU; its ranks need none and are always reported)")
     parser.add_argument("--json", default="benchmarks/results/locret_diagnose.json")
     args = parser.parse_args()
-    args.families = args.families.split(",")
-    args.compressions = [float(c) for c in args.compressions.split(",")]
     model, tokenizer = load_model(args.model, device=args.device, dtype=torch.float32)
     start = time.perf_counter()
     rows = diagnose(model, tokenizer, args)

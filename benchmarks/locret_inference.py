@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from locret_diagnose import answer_of, documents, layer_state, mean, survival, token_spans
+from locret_diagnose import answer_of, document_arguments, documents, layer_state, mean, survival, token_spans
 
 from headspace.engine.engine import Engine
 from headspace.models import load_model
@@ -141,21 +141,12 @@ def depth_table(results: dict, names: list[str] | None = None) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--heads", default=None, help="retaining heads file (default: the shipped one)")
-    parser.add_argument("--length", type=int, default=2048)
-    parser.add_argument("--documents", type=int, default=4, help="documents per family")
-    parser.add_argument("--families", default="varied,heldout")
-    parser.add_argument("--compressions", default="8")
+    document_arguments(parser, documents=4, families="varied,heldout", compressions="8")
     parser.add_argument("--setting", dest="settings", action="append", default=[],
                         help="comma-separated NAME=VALUE of chunk, stabilizer, sink, pool, center (repeatable; "
                              "default: the defaults only)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
     parser.add_argument("--json", default="benchmarks/results/locret_inference.json")
     args = parser.parse_args()
-    args.families = args.families.split(",")
-    args.compressions = [float(c) for c in args.compressions.split(",")]
     args.settings = args.settings or [""]
     path = Path(args.json)
     results = json.loads(path.read_text()) if path.exists() else {}

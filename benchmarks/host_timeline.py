@@ -35,7 +35,8 @@ def instrument(events: list[tuple]) -> None:
     def timed_kernel(*args, **kwargs):
         times = torch.zeros(2, dtype=torch.float64)
         result = kernel(*args, times=times, **kwargs)
-        local.times = (float(times[0]), float(times[1]))
+        if result is not None:  # None: the kernel did not take the job, and torch attends it
+            local.times = (float(times[0]), float(times[1]))
         return result
 
     def timed_job(task):

@@ -307,6 +307,31 @@ def test_relative_targets_weigh_each_query_by_the_keys_it_sees(model):
         TrainConfig(targets="uniform")
 
 
+def test_question_targets_come_from_the_questions_queries_alone(model):
+    """``target_queries="questions"`` (Locret's): a document token's target is the most any query of the questions
+    that end the sequence gives it (still ``gap`` on); the questions' own tokens are not trained."""
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(7))
+    asks = 30
+    _, later = capture(model, ids, smooth=1, tail=0, gap=2)
+    features, questions = capture(model, ids, smooth=1, tail=0, gap=2, queries_from=asks)
+    assert features.shape[1] == questions.shape[1] == asks
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions
+    for layer, p in enumerate(probs):
+        grouped = p[0].reshape(2, 2, 40, 40)
+        for head in range(2):
+            for t in range(asks):
+                expected = torch.log(grouped[head, :, max(asks, t + 2) :, t].max() + 1e-4)
+                torch.testing.assert_close(questions[layer, t, head], expected, rtol=1e-4, atol=1e-4)
+    assert (questions < later[:, :asks]).any()  # the document's own queries gave some tokens more
+    with pytest.raises(HeadspaceError, match="add up to 1"):
+        TrainConfig(target_queries="questions", synthetic=0.5, prose=0.0)
+    with pytest.raises(HeadspaceError, match="end in questions"):
+        train_retaining_heads(model, random_sequences(VOCAB, 40),
+                              TrainConfig(steps=1, seq_len=40, target_queries="questions", synthetic=1.0))
+
+
 def test_training_reduces_the_loss(model):
     config = TrainConfig(steps=25, seq_len=64, lr=3e-3, hidden=16, batch_tokens=128, buffer_tokens=512,
                          tail=8, gap=4, updates=4)

@@ -204,6 +204,29 @@ def test_spliced_needles_name_the_spans_of_their_keys_and_numbers(byte_tokenizer
     assert found >= 10
 
 
+def test_asking_all_asks_every_stated_fact_after_the_document(byte_tokenizer):
+    """With ``ask_all`` every fact the sequence states is asked about, after ``questions``, where the document ends;
+    without it the draws are those of before (the shipped heads' data stays reproducible)."""
+    encode = lambda text: byte_tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    filler = encode("The sky is blue. Here we go. There and back again. " * 40)
+    for seed in range(8):
+        for sequence in (corpus.synthetic_retrieval(byte_tokenizer, filler, 400, random.Random(seed), ask_all=True),
+                         prose_retrieval(byte_tokenizer, 600, random.Random(seed), ask_all=True)):
+            document = byte_tokenizer.decode(sequence.ids[: sequence.questions])
+            questions = byte_tokenizer.decode(sequence.ids[sequence.questions :])
+            assert questions.startswith("\n") and "\n" not in document[-40:] and sequence.facts
+            for fact in sequence.facts:
+                assert fact.stop <= sequence.questions
+                key, value = (byte_tokenizer.decode(sequence.ids[slice(*span)]).strip()
+                              for span in (fact.key, fact.value))
+                assert key in questions and value in questions
+        single = corpus.synthetic_retrieval(byte_tokenizer, filler, 400, random.Random(seed))
+        assert byte_tokenizer.decode(single.ids[single.questions :]).count("\n") == 1
+    shifted = list(itertools.islice(corpus_sequences(byte_tokenizer, 300, synthetic=0.5, prose=0.5, ask_all=True), 4))
+    assert all(s.questions is not None and byte_tokenizer.decode(s.ids[s.questions : s.questions + 1]) == "\n"
+               for s in shifted)
+
+
 def test_train_retaining_refuses_shares_above_one_in_one_line(tmp_path, capsys):
     from headspace.commands import main
 

@@ -25,6 +25,7 @@ from headspace.eviction.retaining.train import (
     GROUP_POOLS,
     LOSSES,
     SPAN_TARGETS,
+    TARGET_QUERIES,
     TARGET_SCALES,
     TrainConfig,
     train_command,
@@ -79,6 +80,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="train to the attention probabilities later queries give a token (probability), or to "
                              "each query's probability times the keys it sees (relative), which does not fall with "
                              f"position (default {defaults.targets})")
+    recipe.add_argument("--target-queries", choices=TARGET_QUERIES, default=defaults.target_queries,
+                        help="which queries give the targets: every later one (later), or only the questions and "
+                             "answers that end each sequence, each fact asked (questions, Locret's; needs "
+                             f"--synthetic and --prose adding up to 1; default {defaults.target_queries})")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser
@@ -92,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                          updates=args.updates, synthetic=args.synthetic, prose=args.prose, seed=args.seed,
                          loss=args.loss, span_targets=args.span_targets,
                          smoothness=args.smoothness, group_pool=args.group_pool, smooth=args.smooth, gap=args.gap,
-                         weight_decay=args.weight_decay, targets=args.targets)
+                         weight_decay=args.weight_decay, targets=args.targets, target_queries=args.target_queries)
     path = train_for_model(args.model, args.out, config, device=str(device), command=train_command())
     note(f"wrote retaining heads to {path} ({human_bytes(path.stat().st_size)})")
     return 0
@@ -111,10 +116,12 @@ def train_for_model(model_name: str, out: str | os.PathLike, config: TrainConfig
     if tokenizer is None:
         sequences: Iterable = random_sequences(model.config.vocab_size, config.seq_len, config.seed)
     else:
-        sequences = corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic, config.prose)
+        sequences = corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic, config.prose,
+                                     ask_all=config.target_queries == "questions")
     heads, losses = train_retaining_heads(model, sequences, config, progress=progress)
     recipe = {**asdict(config), "model": model_name, "final_loss": round(losses[-1], 5),
               "first_loss": round(losses[0], 5), "data": "stdlib docstrings + /usr/share licenses/copyright, "
-              f"{config.synthetic:.0%} needles spliced into them, {config.prose:.0%} facts in generated prose",
+              f"{config.synthetic:.0%} needles spliced into them, {config.prose:.0%} facts in generated prose"
+              + (", every fact asked" if config.target_queries == "questions" else ""),
               "command": command or train_command()}
     return heads.save(out, recipe=recipe)

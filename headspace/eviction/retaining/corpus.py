@@ -60,10 +60,17 @@ class Fact:
 
 @dataclass
 class TrainingSequence:
-    """Token ids and the ``facts`` that the sequence states and later asks about."""
+    """Token ids, the ``facts`` that the sequence states and later asks about, and where its ``questions`` begin
+    (None: it asks nothing), for targets taken from the questions' queries alone (``TrainConfig.target_queries``)."""
 
     ids: list[int]
     facts: list[Fact] = field(default_factory=list)
+    questions: int | None = None
+
+    def shifted(self, offset: int, ids: list[int]) -> TrainingSequence:
+        """The same facts and questions ``offset`` tokens on, in ``ids``."""
+        return TrainingSequence(ids, [fact.shifted(offset) for fact in self.facts],
+                                None if self.questions is None else self.questions + offset)
 
 
 def encode_statement(tokenizer, template: str, key: str, value: str) -> tuple[list[int], Fact]:
@@ -148,16 +155,18 @@ _NEEDLE_TEMPLATES = (
 )
 
 
-def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: random.Random) -> TrainingSequence:
-    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer."""
+def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: random.Random,
+                        ask_all: bool = False) -> TrainingSequence:
+    """A training sequence: needles spliced into ``filler_ids`` at sentence ends, then a question and its answer
+    (``ask_all``: one about each needle, in random order)."""
     statement, question, answer = rng.choice(_NEEDLE_TEMPLATES)
     keys = rng.sample(_NEEDLE_WORDS, rng.randint(1, 4))
     keys = [f"{k}-{rng.choice(_NEEDLE_WORDS)}" if rng.random() < 0.5 else k for k in keys]
     values = [str(rng.randint(10 ** (n - 1), 10**n - 1)) for n in (rng.randint(4, 8) for _ in keys)]
-    asked = rng.randrange(len(keys))
+    asked = rng.sample(range(len(keys)), len(keys)) if ask_all else [rng.randrange(len(keys))]
     needles = [encode_statement(tokenizer, f" {statement} ", k, v) for k, v in zip(keys, values)]
-    ending = tokenizer("\n" + question.format(key=keys[asked]) + " " + answer.format(key=keys[asked],
-                       value=values[asked]), add_special_tokens=False)["input_ids"]
+    ending = tokenizer("".join("\n" + question.format(key=keys[i]) + " " + answer.format(key=keys[i], value=values[i])
+                               for i in asked), add_special_tokens=False)["input_ids"]
     room = seq_len - len(ending) - sum(len(ids) for ids, _ in needles)
     body = list(filler_ids[: max(room, 0)])
     ends = [i + 1 for i, t in enumerate(body) if "." in tokenizer.decode([t])] or [len(body)]
@@ -169,7 +178,7 @@ def synthetic_retrieval(tokenizer, filler_ids: list[int], seq_len: int, rng: ran
         facts = [f.shifted(len(needle)) if f.start >= at else f for f in facts] + [fact.shifted(at)]
     ids = body + ending
     cut = max(len(ids) - seq_len, 0)
-    return TrainingSequence(ids[cut:], [f.shifted(-cut) for f in facts if f.start >= cut])
+    return TrainingSequence(ids, [f for f in facts if f.start >= cut], len(body)).shifted(-cut, ids[cut:])
 
 
 # -- varied prose with facts: training-only grammars and fact wordings ------------------------------------
@@ -323,14 +332,14 @@ def fact_value(rng: random.Random) -> str:
     return rng.choice(FACT_NAMES)
 
 
-def prose_retrieval(tokenizer, seq_len: int, rng: random.Random) -> TrainingSequence:
-    """A training sequence: generated prose with 1-4 facts stated once each, then questions about 1-3 of them,
-    each followed by its answer, after at least a few sentences of prose."""
+def prose_retrieval(tokenizer, seq_len: int, rng: random.Random, ask_all: bool = False) -> TrainingSequence:
+    """A training sequence: generated prose with 1-4 facts stated once each, then questions about 1-3 of them
+    (``ask_all``: about each), each followed by its answer, after at least a few sentences of prose."""
     stream = SentenceStream(rng.choice(PROSE), rng.random())
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
     keys = rng.sample(FACT_KEYS, rng.randint(1, 4))
     facts = [(key, rng.choice(FACTS), fact_value(rng)) for key in keys]
-    asked = rng.sample(facts, rng.randint(1, min(3, len(facts))))
+    asked = rng.sample(facts, len(facts) if ask_all else rng.randint(1, min(3, len(facts))))
     ending = [encode("\n")]
     for key, (_, question, prefix), value in asked:
         ending.append(encode(f"{question.format(key=key)} {prefix.format(key=key)}"))
@@ -353,17 +362,18 @@ def prose_retrieval(tokenizer, seq_len: int, rng: random.Random) -> TrainingSequ
             stated.append(fact.shifted(len(ids)))
         ids += piece
     body = seq_len - sum(map(len, ending))
-    ids = ids[:body]
+    ids = ids[:body]  # a statement may be shorter than the sentence it replaced: then ids is shorter than body
+    questions = len(ids)
     for piece in ending:
         ids += piece
-    return TrainingSequence(ids, [fact for fact in stated if fact.stop <= body])
+    return TrainingSequence(ids, [fact for fact in stated if fact.stop <= questions], questions)
 
 
 def corpus_sequences(tokenizer, seq_len: int = 1024, seed: int = 0, synthetic: float = 0.5,
-                     prose: float = 0.0) -> Iterator[TrainingSequence]:
+                     prose: float = 0.0, ask_all: bool = False) -> Iterator[TrainingSequence]:
     """Endless training sequences of ``seq_len`` tokens: offline text, a ``synthetic`` share of needles spliced
     into it (:func:`synthetic_retrieval`) and a ``prose`` share of facts in generated prose
-    (:func:`prose_retrieval`)."""
+    (:func:`prose_retrieval`); with ``ask_all``, every stated fact is asked about."""
     if synthetic + prose > 1:
         raise HeadspaceError(f"the synthetic ({synthetic}) and prose ({prose}) shares add up to more than 1")
     rng = random.Random(seed)
@@ -386,12 +396,12 @@ def corpus_sequences(tokenizer, seq_len: int = 1024, seed: int = 0, synthetic: f
     while True:
         draw = rng.random()
         if draw < prose:
-            sequence = prose_retrieval(tokenizer, seq_len - len(bos), rng)
+            sequence = prose_retrieval(tokenizer, seq_len - len(bos), rng, ask_all)
         elif draw < prose + synthetic:
-            sequence = synthetic_retrieval(tokenizer, take(seq_len), seq_len - len(bos), rng)
+            sequence = synthetic_retrieval(tokenizer, take(seq_len), seq_len - len(bos), rng, ask_all)
         else:
             sequence = TrainingSequence(take(seq_len - len(bos)))
-        yield TrainingSequence(bos + sequence.ids, [fact.shifted(len(bos)) for fact in sequence.facts])
+        yield sequence.shifted(len(bos), bos + sequence.ids)
 
 
 def random_sequences(vocab_size: int, seq_len: int, seed: int = 0) -> Iterator[torch.Tensor]:

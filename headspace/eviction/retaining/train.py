@@ -3,9 +3,11 @@
 :func:`capture` runs the frozen model once over a sequence with an eager attention
 function (:func:`capture_attention`, registered as ``"headspace_capture"``) that
 records each layer's pre-RoPE q/k/v and the targets: per token, the largest
-attention probability any later query (at least ``gap`` positions on) of the KV
-head's query group gives it. :func:`train_retaining_heads` fits the heads on those
-with a replay buffer (see :mod:`headspace.eviction.retaining.heads` for the design).
+attention probability any later query (at least ``gap`` positions on; with
+``TrainConfig.target_queries = "questions"``, only the queries of the questions
+that end the sequence, as Locret) of the KV head's query group gives it.
+:func:`train_retaining_heads` fits the heads on those with a replay buffer (see
+:mod:`headspace.eviction.retaining.heads` for the design).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class Capture:
     group_pool: str = "max"  # how a KV head's target pools its query group: "max" (Locret) or "mean"
     lifted: list[list[Span]] = field(default_factory=list)  # groups of spans kept or dropped together
     scale: str = "probability"  # "relative": each query's probabilities times the keys it sees (TrainConfig.targets)
+    queries_from: int | None = None  # only queries from here on give targets, and only tokens before it are trained
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -51,6 +54,8 @@ class Capture:
         batch, q_heads, length, _ = query.shape
         kv_heads = keys.shape[1]
         later = probs.tril(-self.gap)  # p(i, t) for queries i >= t + gap
+        if self.queries_from is not None:
+            later[:, :, : self.queries_from] = 0
         if self.scale == "relative":  # query i spreads over i + 1 keys: its share against a uniform one
             later *= torch.arange(1, length + 1, device=later.device, dtype=later.dtype)[:, None]
         best = later.amax(dim=2)  # (B, Hq, L): over queries
@@ -64,6 +69,8 @@ class Capture:
                 best[..., start:stop] = top[..., None]
         target = torch.log(best + TARGET_EPS)
         keep = max(length - min(self.tail, length // 4), 1)  # leave out tokens with few later queries
+        if self.queries_from is not None:
+            keep = max(min(keep, self.queries_from), 1)
         q, k = self.rope(query, 0), self.rope(keys, 0)
         x = RetainingHeads.features(q, k, values)[:, :keep]
         self.features[layer] = x.reshape(-1, x.shape[-1]).detach()
@@ -109,13 +116,17 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, lambda *args, **kwargs: None)
 @torch.no_grad()
 def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: int = 192, gap: int = 64,
             rope: RopeInverse | None = None, group_pool: str = "max",
-            lifted: list[list[Span]] | None = None, scale: str = "probability") -> tuple[torch.Tensor, torch.Tensor]:
+            lifted: list[list[Span]] | None = None, scale: str = "probability",
+            queries_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` on ``ids`` (1, L); return features (layers, N, F) and targets (layers, N, Hk)
     of its full-attention layers (``ModelShape.full_attention_layers``, in order): sliding-window layers
     keep their window and are never scored, so they are not trained. Each group of ``lifted`` spans
     (start, stop), such as a fact's key and value (:func:`lifted_spans`), gets the group's largest
-    target on every one of its tokens: kept whole or not at all. ``scale``: :attr:`TrainConfig.targets`."""
-    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []), scale=scale)
+    target on every one of its tokens: kept whole or not at all. ``scale``: :attr:`TrainConfig.targets`.
+    ``queries_from``: only queries at or after this position (the questions) give targets, and only the tokens
+    before it (the document) are returned."""
+    state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []), scale=scale,
+                    queries_from=queries_from)
     previous = model.config._attn_implementation
     token = _capture.set(state)
     try:
@@ -132,6 +143,7 @@ LOSSES = ("smooth_l1", "mse")
 GROUP_POOLS = ("max", "mean")
 SPAN_TARGETS = ("off", "value", "fact", "statement")
 TARGET_SCALES = ("probability", "relative")
+TARGET_QUERIES = ("later", "questions")
 
 
 def lifted_spans(facts: list[Fact], span_targets: str) -> list[list[Span]]:
@@ -173,6 +185,11 @@ class TrainConfig:
     many keys, so with plain probabilities the targets, and the trained scores, fall with position, and at
     inference a late chunk's tokens lose the budget to early filler (on SmolLM2 the second 1K chunk scored
     lower than the first in 347 of 360 document-layers: benchmarks/results/cpu_locret_inference_smollm2.md).
+    ``target_queries``: which queries give the targets: every later one (``later``), or only those of the
+    questions and answers that end each training sequence (``questions``, Locret's: what a question needs is
+    what the heads should keep, not what the document's own next sentences look back at). With
+    ``questions``, every sequence must end in questions (``synthetic + prose = 1``) and each asks about every
+    fact it states: a fact left unasked would be trained to be dropped, which no head can know in advance.
     """
 
     steps: int = 120
@@ -194,6 +211,7 @@ class TrainConfig:
     group_pool: str = "max"
     weight_decay: float = 0.0
     targets: str = "probability"
+    target_queries: str = "later"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -202,6 +220,12 @@ class TrainConfig:
             raise HeadspaceError(f"span_targets must be one of {', '.join(SPAN_TARGETS)}, got '{self.span_targets}'")
         if self.targets not in TARGET_SCALES:
             raise HeadspaceError(f"targets must be one of {', '.join(TARGET_SCALES)}, got '{self.targets}'")
+        if self.target_queries not in TARGET_QUERIES:
+            raise HeadspaceError(f"target_queries must be one of {', '.join(TARGET_QUERIES)}, "
+                                 f"got '{self.target_queries}'")
+        if self.target_queries == "questions" and abs(self.synthetic + self.prose - 1) > 1e-9:
+            raise HeadspaceError("target_queries 'questions' trains on sequences that end in questions: the "
+                                 f"synthetic ({self.synthetic}) and prose ({self.prose}) shares must add up to 1")
         if self.group_pool not in GROUP_POOLS:
             raise HeadspaceError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got '{self.group_pool}'")
         if not (0 <= self.synthetic and 0 <= self.prose and self.synthetic + self.prose <= 1):
@@ -292,10 +316,15 @@ def train_retaining_heads(
             item = next(iterator)
         except StopIteration:
             break
-        ids, facts = (item.ids, item.facts) if isinstance(item, TrainingSequence) else (item, [])
-        ids = torch.as_tensor(ids).reshape(1, -1)
+        item = item if isinstance(item, TrainingSequence) else TrainingSequence(item)
+        queries_from = None
+        if config.target_queries == "questions":
+            if item.questions is None:
+                raise HeadspaceError("target_queries 'questions' needs training sequences that end in questions")
+            queries_from = item.questions
+        ids = torch.as_tensor(item.ids).reshape(1, -1)
         x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool,
-                       lifted_spans(facts, config.span_targets), config.targets)
+                       lifted_spans(item.facts, config.span_targets), config.targets, queries_from)
         if step == 0:
             heads.mean[layers] = x.mean(dim=1)
             heads.std[layers] = x.std(dim=1).clamp_min(1e-3)

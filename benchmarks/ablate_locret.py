@@ -36,9 +36,8 @@ import torch
 
 from headspace.evaluation.harness import EvalConfig, ModeSpec, evaluate
 from headspace.evaluation.report import summarize
-from headspace.eviction.retaining.corpus import corpus_sequences
 from headspace.eviction.retaining.heads import RetainingHeads
-from headspace.eviction.retaining.train import TrainConfig, train_retaining_heads
+from headspace.eviction.retaining.train import TrainConfig, train_retaining_heads, training_sequences
 from headspace.models import load_model
 from headspace.units import parse_tokens
 
@@ -68,9 +67,7 @@ def train_variants(name: str, base: TrainConfig, heads_dir: Path, device: str) -
         if model is None:
             model, tokenizer = load_model(name, device=device, dtype=torch.float32)
         start = time.perf_counter()
-        heads, losses = train_retaining_heads(model, corpus_sequences(tokenizer, config.seq_len, config.seed,
-                                                                      config.synthetic, config.prose), config,
-                                              progress=True)
+        heads, losses = train_retaining_heads(model, training_sequences(tokenizer, config), config, progress=True)
         out[variant] = {"path": str(path), "final_loss": losses[-1], "seconds": time.perf_counter() - start,
                         "config": dataclasses.asdict(config), "model": name, "variant": variant}
         heads.save(path, recipe=out[variant])

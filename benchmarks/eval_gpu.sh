@@ -10,10 +10,10 @@
 # (model, length, setting) runs in its own process, all ten at once: the models are tiny, so a run is bound by
 # Python and kernel launches, not by the GPU, and the processes share one H100 (16 cores).
 #
-# Per (model, length): 21 columns (full; 10 policies x 2 ratios), one sample per cell, varied and noise
-# haystacks, depths 0.1/0.5/0.9. Inside: 17 prompts per column (357 generations); after: 6 documents prefilled
-# once per column (per haystack a shared one and the multi-value prompt; common words; the ship's log) and 17
-# questions (357 answers). 3,570 generations over the five (model, length) pairs.
+# Per (model, length): 21 columns (full; 10 policies x 2 ratios), two samples per cell (one for Gemma 3 at 16K and
+# 32K, the slow pairs), varied and noise haystacks, depths 0.1/0.5/0.9. Per sample, inside: 17 prompts per column
+# (357 generations); after: 6 documents prefilled once per column (per haystack a shared one and the multi-value
+# prompt; common words; the ship's log) and 17 questions (357 answers). 5,712 generations over the five pairs.
 # Estimate on the H100 (float32; the earlier SmolLM2 run: ~45 ms per decoded token, ~300 tokens per column and
 # setting): 4-6 min for each SmolLM2 and Gemma 8K/16K process alone, ~8 min for Gemma 32K inside (32 chunks of
 # 1024 per prefill); with ten processes sharing the GPU, two calls of 10 minutes should finish, a third is spare.
@@ -42,14 +42,14 @@ TASKS=${TASKS:-niah_single,niah_multikey,niah_multivalue,variable_tracking,commo
 MODES=${MODES:-full,locret,streamingllm,snapkv,snapkv-question,expected-attention,tova,knorm,h2o,pyramidkv,random}
 RESULTS=benchmarks/results
 PARTS=${PARTS:-$RESULTS/parts}
-RUNS=("smollm2-135m 4k 4096" "smollm2-135m 8k 8000" "gemma3-270m 8k 8192" "gemma3-270m 16k 16384"
-      "gemma3-270m 32k 32000")
+RUNS=("smollm2-135m 4k 4096 2" "smollm2-135m 8k 8000 2" "gemma3-270m 8k 8192 2" "gemma3-270m 16k 16384 1"
+      "gemma3-270m 32k 32000 1")  # model, name, tokens, samples per cell
 SETTINGS=(inside after)
 mkdir -p "$PARTS"
 
-eval_args() {  # MODEL TOKENS: the arguments every run of that pair shares
+eval_args() {  # MODEL TOKENS SAMPLES: the arguments every run of that pair shares
     echo --model "$1" --device "$DEVICE" --dtype "$DTYPE" --modes "$MODES" --compressions 4,8 \
-        --haystacks varied,noise --depths 0.1,0.5,0.9 --samples 1 --seed 0 --chunk-size "$CHUNK" --lengths "$2" \
+        --haystacks varied,noise --depths 0.1,0.5,0.9 --samples "$3" --seed 0 --chunk-size "$CHUNK" --lengths "$2" \
         --tasks "$TASKS"
 }
 
@@ -67,12 +67,12 @@ python3 -c "import headspace; [headspace.load_model(m, device='cpu') for m in ('
 limit=$((CALL - SECONDS - REPORT))
 pids=()
 for run in "${RUNS[@]}"; do
-    read -r model name tokens <<<"$run"
+    read -r model name tokens samples <<<"$run"
     for setting in "${SETTINGS[@]}"; do
         part=$PARTS/eval_${model}_${name}_${setting}.json
         done_json "$part" && continue
         # shellcheck disable=SC2046
-        timeout "$limit" python3 -m headspace eval $(eval_args "$model" "$tokens") --settings "$setting" \
+        timeout "$limit" python3 -m headspace eval $(eval_args "$model" "$tokens" "$samples") --settings "$setting" \
             --out "$part" >>"${part%.json}.log" 2>&1 &
         pids+=($!)
     done
@@ -82,7 +82,7 @@ for pid in "${pids[@]}"; do wait "$pid" || true; done  # 124: out of time, resum
 missing=0
 pids=()
 for run in "${RUNS[@]}"; do
-    read -r model name tokens <<<"$run"
+    read -r model name tokens samples <<<"$run"
     out=$RESULTS/eval_${model}_${name}.json
     parts=()
     for setting in "${SETTINGS[@]}"; do parts+=("$PARTS/eval_${model}_${name}_${setting}.json"); done
@@ -101,14 +101,14 @@ parts = [json.load(open(p)) for p in sys.argv[2:]]
 json.dump({'records': [r for p in parts for r in p['records']]}, open(sys.argv[1], 'w'))" "$out" "${parts[@]}"
     # every record is there: this loads the model, runs nothing, and writes the table, markdown and heatmaps
     # shellcheck disable=SC2046
-    timeout $((CALL - SECONDS)) python3 -m headspace eval $(eval_args "$model" "$tokens") \
+    timeout $((CALL - SECONDS)) python3 -m headspace eval $(eval_args "$model" "$tokens" "$samples") \
         --settings inside,after --out "$out" --markdown "$RESULTS/eval_${model}_${name}.md" \
         --heatmap "$RESULTS/eval_${model}_${name}.png" >/dev/null 2>>"$PARTS/eval_${model}_${name}_report.log" &
     pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || missing=1; done
 for run in "${RUNS[@]}"; do
-    read -r model name tokens <<<"$run"
+    read -r model name tokens samples <<<"$run"
     out=$RESULTS/eval_${model}_${name}.json
     if done_json "$out"; then echo "written: $out, ${out%.json}.md, ${out%.json}.png, ${out%.json}_after.png"; fi
 done

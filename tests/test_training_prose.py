@@ -174,13 +174,14 @@ def test_training_on_spanned_sequences_reduces_the_loss(model):
         while True:
             ids = torch.randint(0, VOCAB, (64,), generator=generator).tolist()
             start = int(torch.randint(4, 40, (1,), generator=generator))
-            yield TrainingSequence(ids, [Fact((start, start + 2), (start + 4, start + 9), (start - 1, start + 10))])
+            yield TrainingSequence(ids, [Fact((start, start + 2), (start + 4, start + 9), (start - 1, start + 10))],
+                                   questions=48)
 
     config = TrainConfig(steps=25, seq_len=64, span_targets="fact", lr=3e-3, hidden=16, batch_tokens=128,
-                         buffer_tokens=512, tail=8, gap=4, updates=4)
+                         buffer_tokens=512, tail=8, gap=4, updates=4)  # the default targets: the questions' queries
     held_out = next(sequences(99))
     x, y = capture(model, torch.tensor([held_out.ids]), config.smooth, config.tail, config.gap,
-                   lifted=lifted_spans(held_out.facts, "fact"))
+                   lifted=lifted_spans(held_out.facts, "fact"), queries_from=48)
     start, _ = train_retaining_heads(model, sequences(0), TrainConfig(**{**vars(config), "steps": 1}))
     trained, losses = train_retaining_heads(model, sequences(0), config)
     with torch.no_grad():

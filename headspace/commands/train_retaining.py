@@ -20,7 +20,7 @@ from headspace.commands.common import (
     resolve_device,
 )
 from headspace.errors import HeadspaceError
-from headspace.eviction.retaining.corpus import corpus_sequences, random_sequences
+from headspace.eviction.retaining.corpus import random_sequences
 from headspace.eviction.retaining.train import (
     GROUP_POOLS,
     LOSSES,
@@ -30,6 +30,7 @@ from headspace.eviction.retaining.train import (
     TrainConfig,
     train_command,
     train_retaining_heads,
+    training_sequences,
 )
 from headspace.models import load_model
 from headspace.units import human_bytes
@@ -114,10 +115,12 @@ def train_for_model(model_name: str, out: str | os.PathLike, config: TrainConfig
         raise HeadspaceError("steps must be >= 1, seq-len >= 16 and lr > 0")
     model, tokenizer = load_model(model_name, device=device, dtype=torch.float32)
     if tokenizer is None:
+        if config.target_queries == "questions":
+            raise HeadspaceError(f"{model_name} has no tokenizer, so its heads would train on random tokens, which "
+                                 "ask no questions: pass --target-queries later")
         sequences: Iterable = random_sequences(model.config.vocab_size, config.seq_len, config.seed)
     else:
-        sequences = corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic, config.prose,
-                                     ask_all=config.target_queries == "questions")
+        sequences = training_sequences(tokenizer, config)
     heads, losses = train_retaining_heads(model, sequences, config, progress=progress)
     recipe = {**asdict(config), "model": model_name, "final_loss": round(losses[-1], 5),
               "first_loss": round(losses[0], 5), "data": "stdlib docstrings + /usr/share licenses/copyright, "

@@ -18,10 +18,16 @@ Design (this module's own implementation):
   statistics measured on the first training sequence.
 * **Network**: per layer ``Linear(F, hidden) -> GELU -> Linear(hidden, kv_heads)``,
   all layers held as stacked tensors so training runs every layer in one batched
-  matmul. With SmolLM2-135M (F = 960) and ``hidden=32`` that is about 1M parameters.
-* **Target**: for token t, layer l, KV head h: ``max`` over later queries i >= t + gap
-  and the query heads of h's group of the attention probability p(i, t) computed by
-  the frozen model. The ``gap`` (64) drops the next few queries: nearly every token is
+  matmul. With SmolLM2-135M (F = 960) and ``hidden=32`` that is about 1M parameters
+  (its shipped heads: ``hidden=128``, about 3.7M).
+* **Target**: for token t, layer l, KV head h: ``max`` over the queries of the questions
+  and answers that end the training sequence (``target_queries="questions"``, Locret's;
+  ``"later"``: every later query) at i >= t + gap, and the query heads of h's group, of
+  the attention probability p(i, t) computed by the frozen model. From the questions
+  alone, the targets rank what a later question reads, not what the document's own next
+  sentences look back at (on SmolLM2, 8x answers after compression went from 18-26% to
+  29-35% on varied documents: benchmarks/results/h100_question_targets/). The ``gap``
+  (64) drops the next few queries: nearly every token is
   attended strongly by its immediate successors (local attention), which would make
   every token look important, while eviction only matters once a token has left the
   stabilizer window of recent tokens that is always kept. The max is max-pooled over
@@ -50,9 +56,11 @@ English text (docstrings of Python's standard library, license texts in
 ``synthetic`` share with 1-4 "needles" (a key and a number) spliced into that text; and a
 ``prose`` share of generated varied prose (five training-only grammars: a lab notebook,
 a sports recap, a kitchen journal, a railway diary, a botanist's notes) stating 1-4 facts
-once each (eight wordings; numbers of 4-9 digits, codes with letters, names). Both end
-in questions about 1-3 of the facts, each followed by its answer, so that the frozen
-model's retrieval attention from the answer to the fact is part of the targets. The
+once each (eight wordings; numbers of 4-9 digits, codes with letters, names); half
+each by default. Both end in questions, each followed by its answer: about every fact
+stated when the targets come from the questions (a fact no question asks would be
+trained to be dropped, which no head can know while the document is read), about one
+(needles) or 1-3 (prose) otherwise. The
 prose teaches what the spliced needles could not: in varied text, where no sentence
 stands out by its form, a fact stated once is still what a later question reads. Every
 template is worded unlike the evaluation's, whose texts the heads never see.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +26,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import AttentionMaskInterface
 
 from headspace.errors import HeadspaceError
-from headspace.eviction.retaining.corpus import Fact, Span, TrainingSequence
+from headspace.eviction.retaining.corpus import Fact, Span, TrainingSequence, corpus_sequences
 from headspace.eviction.retaining.heads import TARGET_EPS, HeadsSpec, RetainingHeads, RopeInverse
 from headspace.shape import ModelShape
 
@@ -203,7 +203,7 @@ class TrainConfig:
     tail: int = 192
     gap: int = 64
     synthetic: float = 0.5
-    prose: float = 0.0
+    prose: float = 0.5
     span_targets: str = "statement"  # benchmarks/results/cpu_span_targets_smollm2.md
     seed: int = 0
     loss: str = "smooth_l1"
@@ -211,7 +211,7 @@ class TrainConfig:
     group_pool: str = "max"
     weight_decay: float = 0.0
     targets: str = "probability"
-    target_queries: str = "later"
+    target_queries: str = "questions"  # benchmarks/results/h100_question_targets/
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -234,6 +234,13 @@ class TrainConfig:
         if self.smoothness < 0 or self.weight_decay < 0:
             raise HeadspaceError(f"smoothness and weight_decay must be non-negative, got {self.smoothness} and "
                                  f"{self.weight_decay}")
+
+
+def training_sequences(tokenizer, config: TrainConfig) -> Iterator[TrainingSequence]:
+    """The offline corpus that ``config`` trains on (:func:`~headspace.eviction.retaining.corpus.corpus_sequences`),
+    every fact asked when the targets come from the questions."""
+    return corpus_sequences(tokenizer, config.seq_len, config.seed, config.synthetic, config.prose,
+                            ask_all=config.target_queries == "questions")
 
 
 def retaining_loss(heads: RetainingHeads, features: torch.Tensor, targets: torch.Tensor,

@@ -245,8 +245,13 @@ def load_model(
         return random_model(name_or_path.removeprefix("random:"), device, dtype), None
     load_config(name_or_path)
     path = model_directory(name_or_path)
+    try:  # before the weights: a directory without its tokenizer is refused at once
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise HeadspaceError(f"cannot load the tokenizer of '{name_or_path}' ({' '.join(str(error).split())[:100]}): "
+                             "a model directory needs its tokenizer files (tokenizer.json, or tokenizer.model, "
+                             "with tokenizer_config.json)") from None
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device)
-    tokenizer = AutoTokenizer.from_pretrained(path)
     if name_or_path in PACKAGED:
         packaged = PACKAGED[name_or_path]
         if packaged.chat_template is not None and not tokenizer.chat_template:

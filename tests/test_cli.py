@@ -136,6 +136,15 @@ def test_missing_model_path(capsys, tmp_path, no_loading, command):
     assert "does not exist" in line and "nowhere" in line
 
 
+def test_directory_without_a_tokenizer_is_refused_in_one_line(capsys, tmp_path):
+    """A model directory with config and weights but no tokenizer files: one line, exit 2, no traceback."""
+    AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2,
+                                                 num_key_value_heads=1)).save_pretrained(tmp_path)
+    line = refused(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi", "--device", "cpu")
+    assert "tokenizer" in line and str(tmp_path) in line
+
+
 def test_directory_without_config(capsys, tmp_path, no_loading):
     assert "no config.json" in refused(capsys, "generate", "--model", str(tmp_path), "--prompt", "hi")
 

@@ -265,23 +265,30 @@ def test_rope_inverse_recovers_pre_rope_keys(model):
     torch.testing.assert_close(RopeInverse(model)(rotated, 37), x, rtol=1e-5, atol=1e-5)
 
 
+def assert_targets_are(model, ids: torch.Tensor, targets: torch.Tensor, tokens: int, received) -> None:
+    """``targets[layer, t, head]`` of the first ``tokens`` tokens is log(1e-4 + the largest of ``received(group, t)``,
+    the probabilities that the wanted queries of KV head ``head``'s group give token t (0 if none), written out from
+    transformers' own eager attention probabilities."""
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions  # per layer (1, Hq, L, L)
+    length = ids.shape[1]
+    for layer, p in enumerate(probs):
+        grouped = p[0].reshape(2, 2, length, length)  # (KV head, query head of its group, query, key)
+        for head in range(2):
+            for t in range(tokens):
+                given = received(grouped[head], t)
+                best = given.max().item() if given.numel() else 0.0
+                expected = torch.log(torch.tensor(best + 1e-4))
+                torch.testing.assert_close(targets[layer, t, head], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_capture_targets_are_max_later_attention(model):
     ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(5))
     gap = 3
     features, targets = capture(model, ids, smooth=1, tail=0, gap=gap)
     assert features.shape == (2, 48, (4 + 2 * 2) * 16) and targets.shape == (2, 48, 2)
-    # the same maximum written out from transformers' own eager attention probabilities
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        probs = model(ids, output_attentions=True).attentions  # per layer (1, Hq, L, L)
-    for layer, p in enumerate(probs):
-        grouped = p[0].reshape(2, 2, 48, 48)  # (KV head, query head of its group, query, key)
-        for head in range(2):
-            for t in range(48):
-                later = grouped[head, :, t + gap :, t]
-                best = later.max().item() if later.numel() else 0.0
-                expected = torch.log(torch.tensor(best + 1e-4))
-                torch.testing.assert_close(targets[layer, t, head], expected, rtol=1e-4, atol=1e-4)
+    assert_targets_are(model, ids, targets, 48, lambda group, t: group[:, t + gap :, t])
     assert targets.std() > 0.5  # the maxima vary from token to token
 
 
@@ -315,15 +322,7 @@ def test_question_targets_come_from_the_questions_queries_alone(model):
     _, later = capture(model, ids, smooth=1, tail=0, gap=2)
     features, questions = capture(model, ids, smooth=1, tail=0, gap=2, queries_from=asks)
     assert features.shape[1] == questions.shape[1] == asks
-    model.set_attn_implementation("eager")
-    with torch.no_grad():
-        probs = model(ids, output_attentions=True).attentions
-    for layer, p in enumerate(probs):
-        grouped = p[0].reshape(2, 2, 40, 40)
-        for head in range(2):
-            for t in range(asks):
-                expected = torch.log(grouped[head, :, max(asks, t + 2) :, t].max() + 1e-4)
-                torch.testing.assert_close(questions[layer, t, head], expected, rtol=1e-4, atol=1e-4)
+    assert_targets_are(model, ids, questions, asks, lambda group, t: group[:, max(asks, t + 2) :, t])
     assert (questions < later[:, :asks]).any()  # the document's own queries gave some tokens more
     with pytest.raises(HeadspaceError, match="add up to 1"):
         TrainConfig(target_queries="questions", synthetic=0.5, prose=0.0)

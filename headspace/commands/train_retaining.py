@@ -85,6 +85,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="which queries give the targets: every later one (later), or only the questions and "
                              "answers that end each sequence, each fact asked (questions, Locret's; needs "
                              f"--synthetic and --prose adding up to 1; default {defaults.target_queries})")
+    recipe.add_argument("--detrend", action="store_true",
+                        help="take out of the targets their trend in distance to the questions, which favours the "
+                             "document's last tokens (needs --target-queries questions)")
     recipe.add_argument("--weight-decay", type=float_in(0.0, float("inf")), default=defaults.weight_decay,
                         metavar="W", help=f"AdamW weight decay (default {defaults.weight_decay})")
     return parser
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                          updates=args.updates, synthetic=args.synthetic, prose=args.prose, seed=args.seed,
                          loss=args.loss, span_targets=args.span_targets,
                          smoothness=args.smoothness, group_pool=args.group_pool, smooth=args.smooth, gap=args.gap,
-                         weight_decay=args.weight_decay, targets=args.targets, target_queries=args.target_queries)
+                         weight_decay=args.weight_decay, targets=args.targets, target_queries=args.target_queries,
+                         detrend=args.detrend)
     path = train_for_model(args.model, args.out, config, device=str(device), command=train_command())
     note(f"wrote retaining heads to {path} ({human_bytes(path.stat().st_size)})")
     return 0

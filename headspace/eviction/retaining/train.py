@@ -46,6 +46,7 @@ class Capture:
     lifted: list[list[Span]] = field(default_factory=list)  # groups of spans kept or dropped together
     scale: str = "probability"  # "relative": each query's probabilities times the keys it sees (TrainConfig.targets)
     queries_from: int | None = None  # only queries from here on give targets, and only tokens before it are trained
+    detrend: bool = False  # remove the targets' trend in distance to the questions (TrainConfig.detrend)
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     targets: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -71,6 +72,8 @@ class Capture:
         keep = max(length - min(self.tail, length // 4), 1)  # leave out tokens with few later queries
         if self.queries_from is not None:
             keep = max(min(keep, self.queries_from), 1)
+        if self.detrend:
+            target = without_recency(target[..., :keep], self.queries_from)
         q, k = self.rope(query, 0), self.rope(keys, 0)
         x = RetainingHeads.features(q, k, values)[:, :keep]
         self.features[layer] = x.reshape(-1, x.shape[-1]).detach()
@@ -79,6 +82,21 @@ class Capture:
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         layers = sorted(self.features)
         return (torch.stack([self.features[i] for i in layers]), torch.stack([self.targets[i] for i in layers]))
+
+
+def without_recency(target: torch.Tensor, questions: int) -> torch.Tensor:
+    """``target`` (..., T), the log targets of the T tokens before the questions that begin at ``questions``, less
+    their least-squares line in the log of each token's distance to the questions (the mean is kept).
+
+    A question's attention decays with distance, so its targets rise towards the end of the document whatever the
+    tokens say, and heads trained on them score late tokens higher: compressing a document chunk by chunk, late
+    filler then outbids the earliest facts (:attr:`TrainConfig.detrend`).
+    """
+    distance = questions - torch.arange(target.shape[-1], device=target.device, dtype=target.dtype)
+    x = distance.log()
+    x = x - x.mean()
+    slope = (target * x).sum(-1, keepdim=True) / x.square().sum().clamp_min(1e-12)
+    return target - slope * x
 
 
 _capture: ContextVar[Capture | None] = ContextVar("headspace_capture", default=None)
@@ -117,16 +135,18 @@ AttentionMaskInterface.register(CAPTURE_ATTENTION, lambda *args, **kwargs: None)
 def capture(model: PreTrainedModel, ids: torch.Tensor, smooth: int = 3, tail: int = 192, gap: int = 64,
             rope: RopeInverse | None = None, group_pool: str = "max",
             lifted: list[list[Span]] | None = None, scale: str = "probability",
-            queries_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            queries_from: int | None = None, detrend: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the frozen ``model`` on ``ids`` (1, L); return features (layers, N, F) and targets (layers, N, Hk)
     of its full-attention layers (``ModelShape.full_attention_layers``, in order): sliding-window layers
     keep their window and are never scored, so they are not trained. Each group of ``lifted`` spans
     (start, stop), such as a fact's key and value (:func:`lifted_spans`), gets the group's largest
     target on every one of its tokens: kept whole or not at all. ``scale``: :attr:`TrainConfig.targets`.
     ``queries_from``: only queries at or after this position (the questions) give targets, and only the tokens
-    before it (the document) are returned."""
+    before it (the document) are returned. ``detrend`` (needs ``queries_from``): :func:`without_recency`."""
+    if detrend and queries_from is None:
+        raise HeadspaceError("detrend removes the trend in distance to the questions: it needs queries_from")
     state = Capture(rope or RopeInverse(model), smooth, tail, gap, group_pool, list(lifted or []), scale=scale,
-                    queries_from=queries_from)
+                    queries_from=queries_from, detrend=detrend)
     previous = model.config._attn_implementation
     token = _capture.set(state)
     try:
@@ -190,6 +210,8 @@ class TrainConfig:
     what the heads should keep, not what the document's own next sentences look back at). With
     ``questions``, every sequence must end in questions (``synthetic + prose = 1``) and each asks about every
     fact it states: a fact left unasked would be trained to be dropped, which no head can know in advance.
+    ``detrend`` (with ``questions``): take out of each sequence's targets their trend in distance to the questions
+    (:func:`without_recency`), so that where a token stands does not raise its score, only what it says.
     """
 
     steps: int = 120
@@ -212,6 +234,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     targets: str = "probability"
     target_queries: str = "questions"  # benchmarks/results/h100_question_targets/
+    detrend: bool = False  # off: no better on SmolLM2, no needle on Gemma 3 (benchmarks/results/h100_recipe_ablation/)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -226,6 +249,9 @@ class TrainConfig:
         if self.target_queries == "questions" and abs(self.synthetic + self.prose - 1) > 1e-9:
             raise HeadspaceError("target_queries 'questions' trains on sequences that end in questions: the "
                                  f"synthetic ({self.synthetic}) and prose ({self.prose}) shares must add up to 1")
+        if self.detrend and self.target_queries != "questions":
+            raise HeadspaceError("detrend removes the trend in distance to the questions: it needs "
+                                 "target_queries 'questions'")
         if self.group_pool not in GROUP_POOLS:
             raise HeadspaceError(f"group_pool must be one of {', '.join(GROUP_POOLS)}, got '{self.group_pool}'")
         if not (0 <= self.synthetic and 0 <= self.prose and self.synthetic + self.prose <= 1):
@@ -331,7 +357,7 @@ def train_retaining_heads(
             queries_from = item.questions
         ids = torch.as_tensor(item.ids).reshape(1, -1)
         x, y = capture(model, ids, config.smooth, config.tail, config.gap, rope, config.group_pool,
-                       lifted_spans(item.facts, config.span_targets), config.targets, queries_from)
+                       lifted_spans(item.facts, config.span_targets), config.targets, queries_from, config.detrend)
         if step == 0:
             heads.mean[layers] = x.mean(dim=1)
             heads.std[layers] = x.std(dim=1).clamp_min(1e-3)

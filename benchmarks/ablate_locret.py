@@ -40,10 +40,11 @@ from pathlib import Path
 
 import torch
 
+from headspace.commands.train_retaining import train_for_model
 from headspace.evaluation.harness import SETTINGS, EvalConfig, ModeSpec, evaluate
 from headspace.evaluation.report import summarize
 from headspace.eviction.retaining.heads import RetainingHeads
-from headspace.eviction.retaining.train import TrainConfig, train_retaining_heads, training_sequences
+from headspace.eviction.retaining.train import TrainConfig
 from headspace.models import load_model
 from headspace.units import parse_tokens
 
@@ -62,14 +63,12 @@ ROWS = ("needle tasks, varied haystack (mean)", "needle digits kept (mean)", "al
 
 
 def train_one(name: str, variant: str, config: TrainConfig, path: Path, device: str) -> dict:
-    """Train and save one variant's heads; its recipe (path, final loss, seconds, config)."""
-    model, tokenizer = load_model(name, device=device, dtype=torch.float32)
+    """Train and save one variant's heads as ``headspace train-retaining`` does; its recipe, with the seconds."""
     start = time.perf_counter()
-    heads, losses = train_retaining_heads(model, training_sequences(tokenizer, config), config)
-    recipe = {"path": str(path), "final_loss": losses[-1], "seconds": time.perf_counter() - start,
-              "config": dataclasses.asdict(config), "model": name, "variant": variant}
-    heads.save(path, recipe=recipe)
-    print(f"trained {variant}: final loss {losses[-1]:.4f} in {recipe['seconds']:.0f} s", flush=True)
+    train_for_model(name, path, config, device=device, progress=False,
+                    command=f"benchmarks/ablate_locret.py --model {name} (variant {variant})")
+    recipe = {**RetainingHeads.load(path).recipe, "variant": variant, "seconds": time.perf_counter() - start}
+    print(f"trained {variant}: final loss {recipe['final_loss']:.4f} in {recipe['seconds']:.0f} s", flush=True)
     return recipe
 
 
@@ -126,9 +125,10 @@ def main() -> None:
     lengths = tuple(parse_tokens(n) for n in args.lengths.split(","))
     compressions = [float(c) for c in args.compressions.split(",")]
     variants = args.training.split(",")
-    unknown = sorted(set(variants) - set(TRAINING)) + (["default"] if "default" not in variants else [])
-    if unknown:
-        parser.error(f"unknown training variants {unknown}, or no 'default' (the inference rows use its heads)")
+    if set(variants) - set(TRAINING):
+        parser.error(f"unknown training variants {sorted(set(variants) - set(TRAINING))}")
+    if "default" not in variants:
+        parser.error("--training needs 'default': the inference rows use its heads")
     out = Path(args.json)
     heads_dir = Path(args.heads_dir) if args.heads_dir else out.with_name(out.stem + "_heads")
     heads_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,10 @@
 The questions-after setting of :mod:`locret_diagnose` (its documents, needle spans and survival measures),
 swept over locret's inference settings with one heads file: each ``--setting`` is a comma-separated list of
 ``chunk`` (the prefill chunk), :class:`~headspace.eviction.budget.BudgetOptions` fields (``stabilizer``,
-``sink``) and the Locret policy's fields (``pool``, ``center``: 0 or 1); what it leaves out keeps the
-default (chunk 1024, stabilizer 64, sink 4, pool 1, center 0). The budget follows ``--compressions`` only,
-so every setting keeps the same number of tokens. ``full``'s answers are computed once per document; each
+``sink``, ``once``: 0 or 1, ``merge``) and the Locret policy's fields (``pool``, ``center``: 0 or 1); what it
+leaves out keeps the default (chunk 1024, stabilizer 64, sink 4, pool 1, center 0, once 0, merge 0). The
+memory follows ``--compressions`` only, so every setting keeps the same number of slots (``merge``'s
+summaries take theirs from the budget). ``full``'s answers are computed once per document; each
 setting and ratio prefills every document once and asks all its questions. Per family it reports, means
 over questions, layers and KV heads: the share of the needle's key, value and whole fact (key through
 value) tokens kept and the share of (layer, head) pairs keeping each whole (stored per question as means
@@ -30,7 +31,7 @@ from locret_diagnose import answer_of, document_arguments, documents, layer_stat
 from headspace.engine.engine import Engine
 from headspace.models import load_model
 
-DEFAULTS = {"chunk": 1024, "stabilizer": 64, "sink": 4, "pool": 1, "center": 0}
+DEFAULTS = {"chunk": 1024, "stabilizer": 64, "sink": 4, "pool": 1, "center": 0, "once": 0, "merge": 0}
 MEASURES = ("key", "value", "fact")
 
 

@@ -87,6 +87,12 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     over itself is a square causal mask. Both run on the fastest kernel (cuDNN on
     Hopper: about twice flash-attention-2's rate, which a lower-right mask forces).
     """
+    return chunk_attention_lse(query, keys, values, scaling)[0].to(query.dtype)
+
+
+def chunk_attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`chunk_attention` with its log-sum-exp (B, Hq, c), the output at float32 or above."""
     batch, q_heads, chunk, dim = query.shape
     kv_heads, length = keys.shape[1], keys.shape[2]
     ratio, past = q_heads // kv_heads, length - chunk
@@ -97,7 +103,41 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     own_keys = keys[:, :, past:].repeat_interleave(ratio, dim=1)
     own_values = values[:, :, past:].repeat_interleave(ratio, dim=1)
     out_own = attention_lse(query.contiguous(), own_keys, own_values, scaling, causal=True)
-    return merge_lse([(out_past, lse_past), out_own])[0].to(query.dtype)
+    return merge_lse([(out_past.to(accumulation(query.dtype)), lse_past), out_own])
+
+
+def causal_attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`causal_attention` (no window) with the log-sum-exp of each query's scores: (B, Hq, c, D) at
+    float32 or above and (B, Hq, c), so that attention over further keys can be merged in (:func:`merge_lse`)."""
+    batch, q_heads, chunk, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    ratio = q_heads // kv_heads
+    acc = accumulation(query.dtype)
+    if chunk == 1:
+        out, lse = decode_lse(query.reshape(batch, kv_heads, ratio, dim), keys, values, scaling)
+        return out.to(acc).reshape(batch, q_heads, 1, dim), lse.reshape(batch, q_heads, 1)
+    if chunk == length:
+        out, lse = attention_lse(query.contiguous(), keys.repeat_interleave(ratio, dim=1),
+                                 values.repeat_interleave(ratio, dim=1), scaling, causal=True)
+        return out.to(acc), lse
+    return chunk_attention_lse(query, keys, values, scaling)
+
+
+def biased_attention_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bonus: torch.Tensor,
+                         scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` (B, Hq, c, D) over ``keys``/``values`` (B, Hk, m, D) that are all in every query's
+    past, each key's score raised by ``bonus`` (B, Hk, m; minus infinity: not attended). Output (B, Hq, c, D)
+    and log-sum-exp (B, Hq, c), in float32: merged summaries of evicted tokens
+    (:mod:`headspace.eviction.summaries`), few enough for two matrix products."""
+    batch, q_heads, chunk, dim = query.shape
+    kv_heads = keys.shape[1]
+    folded = query.float().reshape(batch, kv_heads, q_heads // kv_heads * chunk, dim)
+    scores = folded @ keys.float().transpose(-1, -2) * scaling + bonus.float().unsqueeze(2)
+    lse = torch.logsumexp(scores, dim=-1)
+    weights = torch.exp(scores - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    out = weights.nan_to_num(0.0) @ values.float()
+    return out.reshape(batch, q_heads, chunk, dim), lse.reshape(batch, q_heads, chunk)
 
 
 def merge_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -147,7 +147,7 @@ def weight_count(config: PretrainedConfig) -> int:
 
 # CLI flag -> engine option; a flag left out is not passed, so each mode's own default applies
 MODE_FLAGS = ("gpu_heads", "group_heads", "cpu_heads", "gpu_memory", "kv_dtype", "budget", "compression", "stabilizer",
-              "sink", "heads")
+              "sink", "once", "merge", "heads")
 
 
 def kv_dtype(text: str) -> str:
@@ -221,6 +221,11 @@ def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "off
                           help="prompt tokens / budget, instead of --budget (default 4)")
     eviction.add_argument("--stabilizer", type=non_negative_int, metavar="N", help="newest tokens always kept (64)")
     eviction.add_argument("--sink", type=non_negative_int, metavar="N", help="first tokens always kept (4)")
+    eviction.add_argument("--once", action="store_true", default=None,
+                          help="prefill the whole prompt exactly, then compress it once (device memory: the prompt)")
+    eviction.add_argument("--merge", type=non_negative_int, metavar="N",
+                          help="merge evicted tokens into one summary per KV head and block of N positions, "
+                               "attended with the weight of the tokens it stands for (0: drop them, the default)")
     eviction.add_argument("--heads", metavar="FILE",
                           help="retaining heads file (default: the one shipped for the model)")
 

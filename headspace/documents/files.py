@@ -9,7 +9,7 @@ ids, each layer's kind and length, and a CRC32 of every 32 MiB of every tensor.
 
 Tensors: ``logits`` (what follows the document), ``policy.state`` (eviction policies
 with a state), and per layer ``layers.<i>.<part>`` - ``keys``/``values`` of device stores
-and windows, ``resident.*`` and ``host.*`` of offloaded layers, ``positions``/``scores`` and
+and windows, ``resident.*`` and ``host.*`` of offloaded layers, ``positions``/``scores``, ``summaries.*`` and
 ``host.positions`` of budgeted ones. Host tiers are written from, and read straight into,
 their (pinned) blocks, one (batch, head) row at a time: no second copy of the cache is
 made in RAM. Reads go straight into those blocks rather than through a memory map: the
@@ -284,6 +284,10 @@ def _layer_entries(prefix: str, layer) -> tuple[dict, list[Entry]]:
                     _whole(prefix + "host.positions", torch.cat(layer.host_positions, dim=-1))]
         if isinstance(layer.host, QuantizedKV):
             entries += _pair(prefix + "host.recent.", *layer.host.recent)
+    if layer.summaries is not None:
+        merged = layer.summaries
+        entries += [_whole(prefix + "summaries.keys", merged.keys), _whole(prefix + "summaries.values", merged.values),
+                    _whole(prefix + "summaries.counts", merged.counts)]
     return {"kind": kind, "length": layer.length, "budget": layer.settings.budget, "host": host}, entries
 
 
@@ -562,6 +566,10 @@ class DocumentFile:
         entries = self._pair(prefix, device, layer.store.dtype, layer.store.append)  # rows, if quantized
         entries += [self._whole(prefix + "positions", device, lambda t: setattr(layer, "positions", t)),
                     self._whole(prefix + "scores", device, lambda t: setattr(layer, "scores", t))]
+        if layer.summaries is not None:  # the engine's options match the file's (merge included)
+            entries += [self._whole(prefix + f"summaries.{part}", device,
+                                    lambda t, part=part: setattr(layer.summaries, part, t))
+                        for part in ("keys", "values", "counts")]
         if record["host"]:
             if layer.host is None:
                 raise self._layout("it holds evicted tokens in host memory and this mode keeps none")

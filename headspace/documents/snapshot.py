@@ -14,7 +14,7 @@ layer keeps in the snapshot, taken right after the document, and how it goes bac
   only shorten too; its newest positions, in full precision, are copied (a few dozen per head).
   Rows cannot be cut: a quantized layer is cut no shorter than the positions it has quantized.
 * :class:`~headspace.eviction.budget.BudgetLayer` (eviction modes): a copy of its device store
-  (the budget, as rows when it is quantized), positions and scores, and the length of its host
+  (the budget, as rows when it is quantized), positions, scores and merged summaries, and the length of its host
   tier (``offload+locret``, append-only too), plus the eviction policy's state (random eviction's
   generator). Copying the budget back gives the question exactly the state the document left, so
   its answer equals a fresh run with the same document-time evictions.
@@ -34,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLa
 from headspace.errors import HeadspaceError
 from headspace.eviction.budget import BudgetLayer
 from headspace.eviction.policies import Policy
+from headspace.eviction.summaries import Summaries
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import OffloadLayer, WindowLayer
 from headspace.kv.quant.store import QuantizedKV
@@ -174,6 +175,7 @@ class BudgetSnapshot:
     host_length: int
     host_chunks: int  # entries of ``host_positions``
     host_recent: tuple[torch.Tensor, torch.Tensor] | None = None  # a quantized host tier's newest tokens
+    summaries: Summaries | None = None  # what was evicted, merged (``merge``)
 
     @classmethod
     def take(cls, layer: BudgetLayer) -> BudgetSnapshot:
@@ -181,7 +183,8 @@ class BudgetSnapshot:
         quantized = isinstance(layer.host, QuantizedKV)
         return cls(keys.clone(), values.clone(), layer.positions.clone(), layer.scores.clone(), layer.length,
                    (layer.host.quantized if quantized else layer.host.length) if layer.host is not None else 0,
-                   len(layer.host_positions), layer.host.recent if quantized else None)
+                   len(layer.host_positions), layer.host.recent if quantized else None,
+                   layer.summaries.clone() if layer.summaries is not None else None)
 
     def restore(self, layer: BudgetLayer) -> None:
         layer.store.truncate(0)
@@ -189,6 +192,8 @@ class BudgetSnapshot:
         layer.store.append(self.keys, self.values)
         layer.positions, layer.scores = self.positions.clone(), self.scores.clone()
         layer.length = self.length
+        if self.summaries is not None:
+            layer.summaries = self.summaries.clone()
         if isinstance(layer.host, QuantizedKV):
             layer.host.truncate(self.host_length, self.host_recent)
         elif layer.host is not None:

@@ -22,7 +22,7 @@ from transformers.cache_utils import Cache
 
 from headspace.attention.hook import ATTENTION_NAME
 from headspace.errors import HeadspaceError
-from headspace.eviction.budget import budget_cache, held_tokens, split_options
+from headspace.eviction.budget import budget_cache, held_tokens, split_options, summary_bytes
 from headspace.eviction.policies import POLICIES, make_policy
 from headspace.kv.cache import OffloadOptions, offload_cache
 from headspace.models import weight_bytes
@@ -185,9 +185,11 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
 
     def footprint(request: CacheRequest) -> tuple[int, int]:
         budget = request.options[0].resolve(request.prompt_tokens or request.tokens)
-        held = held_tokens(request.options[1], budget, request.chunk_size, request.prompt_tokens)
+        held = held_tokens(request.options[1], budget, request.chunk_size, request.prompt_tokens,
+                           request.options[0].once)
         device = budget_bytes(request.shape, held, request.dtype, request.chunk_size,  # reserved for a short prompt too
                               request.options[0].precision)
+        device += summary_bytes(request.shape, request.tokens or request.prompt_tokens or 0, request.options[0].merge)
         return device, host_plan(request)[1].host_kv_bytes if offload else 0
 
     def make_cache(request: CacheRequest) -> Cache:

@@ -24,9 +24,20 @@ its last chunk has been scored, then cut to the budget once and evict as usual
 from there (peak memory is then the prompt, not budget + chunk: :func:`held_tokens`,
 which the layer reserves up front and the mode's footprint counts).
 
+Two options change what eviction leaves behind, for every policy:
+
+* ``once``: the layer holds the whole prompt (exact attention, the prompt's own logits are
+  ``full``'s) and cuts to the budget once, at its end, as query-aware SnapKV always does. Peak KV
+  memory is the prompt. Locret's scores do not depend on what was kept, so the same tokens are kept
+  as in chunked eviction; what changes is that the later chunks were computed over everything.
+* ``merge``: evicted tokens are not dropped but merged, per KV head and block of ``merge``
+  positions, into a summary (:mod:`headspace.eviction.summaries`) that later queries attend with
+  the weight of the tokens it stands for. Its slots come out of the budget that ``compression``
+  resolves to (``prompt / compression - prompt / merge`` tokens), so the ratio stays one of memory.
+
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
-(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below), and
-for ``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
+(prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below),
+``once`` and ``merge`` (above), and for ``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
 SnapKV's ``window`` and ``kernel``) configure the policy. A prompt too short to need
 eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
 
@@ -63,9 +74,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from headspace.attention.kernels import causal_attention
+from headspace.attention.kernels import biased_attention_lse, causal_attention, causal_attention_lse, merge_lse
 from headspace.errors import HeadspaceError
 from headspace.eviction.policies import POLICIES, Policy, ScoreInputs, make_policy, policy_fields
+from headspace.eviction.summaries import Summaries
 from headspace.kv.cache import HeadspaceCache
 from headspace.kv.layers import HeadspaceLayer, Phase, WindowLayer, head_groups
 from headspace.kv.quant.precision import EXACT, EXACT_KV, KVPrecision
@@ -86,6 +98,8 @@ class BudgetOptions:
     stabilizer: int = 64  # the newest tokens, always kept
     sink: int = 4  # the first tokens, always kept
     kv_dtype: str = "bf16"  # the budget's precision on the device: "fp8" or "int8" (one scale per token)
+    once: bool = False  # prefill the whole prompt exactly, then compress it once at its end (peak: the prompt)
+    merge: int = 0  # evicted tokens merged into one summary per KV head and block of this many positions (0: off)
 
     host_tier: ClassVar[bool] = False  # whether evicted tokens are kept (in host RAM), at the host precision
 
@@ -114,6 +128,18 @@ class BudgetOptions:
             raise HeadspaceError(f"kv_dtype '{self.kv_dtype}': this mode keeps no host tier (offload+locret does); "
                                  f"give the budget's precision on the device: fp8, int8 or bf16")
         object.__setattr__(self, "kv_dtype", str(precision))
+        if self.once not in (True, False):  # 1 and 0 too, as the command line gives them
+            raise HeadspaceError(f"once must be true or false (1 or 0), got {self.once!r}")
+        object.__setattr__(self, "once", bool(self.once))
+        if self.merge < 0:
+            raise HeadspaceError(f"merge must be a block of positions (0: off), got {self.merge}")
+        if self.merge and self.host_tier:
+            raise HeadspaceError("merge summarizes evicted tokens; offload+locret keeps them whole in host RAM")
+        ratio = 4.0 if self.compression is None else float(self.compression)
+        if self.merge and self.budget is None and self.merge <= ratio:
+            raise HeadspaceError(f"merge blocks of {self.merge} positions at {ratio:g}x compression would take the "
+                                 f"whole budget (one summary per {self.merge} positions); use blocks larger than "
+                                 f"the ratio")
 
     @property
     def precision(self) -> KVPrecision:
@@ -121,15 +147,17 @@ class BudgetOptions:
 
     def resolve(self, prompt_tokens: int | None) -> int:
         """Tokens per KV head for a prompt of ``prompt_tokens``: ``budget`` as given, or
-        ``ceil(prompt_tokens / compression)`` but never below ``stabilizer + sink`` (a short prompt
-        keeps what it has instead of being refused)."""
+        ``ceil(prompt_tokens / compression)`` less the summaries' ``ceil(prompt_tokens / merge)`` slots (the
+        ratio is of the memory), but never below ``stabilizer + sink`` (a short prompt keeps what it has
+        instead of being refused)."""
         if self.budget is not None:
             return self.budget
         if not prompt_tokens:
             raise HeadspaceError("a compression ratio needs the prompt length: pass prompt_tokens (the engine does "
                                  "when it prefills) or budget=... (tokens) instead")
         ratio = 4.0 if self.compression is None else float(self.compression)
-        return max(math.ceil(prompt_tokens / ratio), self.stabilizer + self.sink)
+        budget = math.ceil(prompt_tokens / ratio) - (math.ceil(prompt_tokens / self.merge) if self.merge else 0)
+        return max(budget, self.stabilizer + self.sink)
 
 
 @dataclass(frozen=True)
@@ -160,6 +188,8 @@ class BudgetSettings:
     decode_exact: bool = False
     layer_budgets: dict[int, int] = field(default_factory=dict)  # per layer index, where the policy spreads it
     prompt_tokens: int | None = None  # where the prompt ends (policies that compress once, at its end)
+    once: bool = False  # every policy compresses once, at the prompt's end
+    merge: int = 0  # positions per summary block of evicted tokens (0: evicted tokens are dropped)
 
     def budget_of(self, layer: int) -> int:
         return self.layer_budgets.get(layer, self.budget)
@@ -178,14 +208,23 @@ def split_options(policy: str, options: dict, offload: bool = False) -> tuple[Bu
             {k: v for k, v in options.items() if k in policy_names})
 
 
-def held_tokens(policy: Policy, budget: int, chunk_size: int, prompt_tokens: int | None) -> int:
+def held_tokens(policy: Policy, budget: int, chunk_size: int, prompt_tokens: int | None, once: bool = False) -> int:
     """The most tokens per KV head a budgeted layer stores at once: the budget and a chunk, or, for a policy that
     compresses once, the whole prompt until its last chunk (the layer reserves it up front, so the store never
     grows past it)."""
     held = budget + chunk_size
-    if policy.compress_once and prompt_tokens:
+    if (once or policy.compress_once) and prompt_tokens:
         held = max(held, prompt_tokens)
     return held
+
+
+def summary_bytes(shape: ModelShape, tokens: int, merge: int) -> int:
+    """Device bytes of the summaries of evicted tokens (float32 key and value sums and a count per KV head and
+    block of ``merge`` positions) for ``tokens`` positions; 0 without ``merge``."""
+    if not merge:
+        return 0
+    blocks = -(-tokens // merge)
+    return len(shape.full_attention_layers) * shape.kv_heads * blocks * (2 * shape.head_dim + 1) * 4
 
 
 class BudgetLayer(HeadspaceLayer):
@@ -213,6 +252,7 @@ class BudgetLayer(HeadspaceLayer):
         self.host: HostKV | QuantizedKV | None = None
         self.host_positions: list[torch.Tensor] = []
         self.positions = self.scores = None
+        self.summaries: Summaries | None = None
         self.written: torch.cuda.Event | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -223,9 +263,12 @@ class BudgetLayer(HeadspaceLayer):
             self.store = DeviceKV(batch, heads, dim, self.dtype, self.device)
         else:
             self.store = DeviceKV(batch, heads, self.scheme.width(dim), torch.uint8, self.device)
-        self.store.reserve(held_tokens(self.policy, self.budget, self.chunk_size, self.settings.prompt_tokens))
+        self.store.reserve(held_tokens(self.policy, self.budget, self.chunk_size, self.settings.prompt_tokens,
+                                       self.settings.once))
         self.positions = torch.empty(batch, heads, 0, dtype=torch.long, device=self.device)
         self.scores = torch.empty(batch, heads, 0, dtype=torch.float32, device=self.device)
+        if self.settings.merge:
+            self.summaries = Summaries.empty(batch, heads, dim, self.settings.merge, self.device)
         if self.transfers is not None:
             scheme = self.host_scheme
             if scheme.exact:
@@ -259,6 +302,9 @@ class BudgetLayer(HeadspaceLayer):
         exact = self.host is not None and self.host.length > 0 and (not decoding or self.settings.decode_exact)
         if exact:
             out = self.attend_with_host(query, scaling, staging, keys, values)
+        elif self.summaries is not None and self.summaries.merged:
+            summary = biased_attention_lse(query, *self.summaries.attended(), scaling)
+            out = merge_lse([causal_attention_lse(query, keys, values, scaling), summary])[0].to(query.dtype)
         else:
             out = causal_attention(query, keys, values, scaling)
         chunk = query.shape[2]
@@ -287,7 +333,8 @@ class BudgetLayer(HeadspaceLayer):
 
     def holding_prompt(self, decoding: bool) -> bool:
         """Whether a compress-once policy still keeps every token: until the prompt's last chunk is scored."""
-        return self.policy.compress_once and not decoding and self.length < (self.settings.prompt_tokens or 0)
+        once = self.policy.compress_once or self.settings.once
+        return once and not decoding and self.length < (self.settings.prompt_tokens or 0)
 
     def attend_with_host(self, query: torch.Tensor, scaling: float, staging: Staging,
                          keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -336,8 +383,10 @@ class BudgetLayer(HeadspaceLayer):
         kept = torch.zeros_like(self.positions, dtype=torch.int8).scatter_(-1, top, 1)
         order = torch.sort(kept, dim=-1, stable=True).indices  # evicted first, then kept, each in position order
         drop, keep = order[..., : stored - budget], order[..., stored - budget :]
+        index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        if self.summaries is not None:
+            self.summaries.add(self.positions.gather(-1, drop), keys.gather(2, index), values.gather(2, index))
         if self.host is not None:
-            index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
             if isinstance(self.host, QuantizedKV):
                 self.host.append(keys.gather(2, index), values.gather(2, index))
                 rows = self.host.take_groups()
@@ -358,7 +407,8 @@ class BudgetLayer(HeadspaceLayer):
     @property
     def device_bytes(self) -> int:
         recent = self.host.recent_bytes if isinstance(self.host, QuantizedKV) else 0
-        return (self.store.nbytes if self.store is not None else 0) + recent
+        summaries = self.summaries.nbytes if self.summaries is not None else 0
+        return (self.store.nbytes if self.store is not None else 0) + recent + summaries
 
     @property
     def host_bytes(self) -> int:
@@ -398,7 +448,7 @@ def budget_cache(
     if prompt_tokens is None or budget < prompt_tokens:
         spread = template.layer_budgets(budget, shape.full_attention_layers, kept)
     settings = BudgetSettings(budget, budget_options.stabilizer, budget_options.sink, decode_exact, spread,
-                              prompt_tokens)
+                              prompt_tokens, budget_options.once, budget_options.merge)
     if block_tokens is None:  # host blocks: what the prompt will evict, plus room for decode
         block_tokens = max((prompt_tokens or 0) - budget, 0) + 1024
     device = model.device

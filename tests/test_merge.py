@@ -1,0 +1,127 @@
+"""Evicted tokens merged into summaries (``merge``) and compression once after an exact prefill (``once``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from headspace import Engine, HeadspaceError
+from headspace.attention.kernels import biased_attention_lse, causal_attention, causal_attention_lse, merge_lse
+from headspace.eviction.budget import BudgetLayer, BudgetOptions, budget_cache
+from headspace.eviction.retaining.heads import HeadsSpec, RetainingHeads
+from headspace.eviction.summaries import Summaries
+
+VOCAB, PROMPT, CHUNK, BUDGET, STABILIZER, SINK = 128, 150, 16, 40, 8, 2
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def heads(model):
+    torch.manual_seed(1)
+    return RetainingHeads(HeadsSpec.from_config(model.config, hidden=8))
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_a_summary_weighs_as_its_tokens_when_they_are_equal(chunk):
+    """n equal evicted tokens merged into one summary (bonus log n) are attended exactly as the n tokens were."""
+    torch.manual_seed(3)
+    batch, kv_heads, group, dim, stored = 1, 2, 3, 8, 12
+    query = torch.randn(batch, kv_heads * group, chunk, dim, dtype=torch.float64)
+    keys, values = torch.randn(2, batch, kv_heads, stored, dim, dtype=torch.float64)
+    merged_keys, merged_values = torch.randn(2, batch, kv_heads, 2, dim, dtype=torch.float64)
+    counts = torch.tensor([[[3.0, 5.0], [1.0, 4.0]]], dtype=torch.float64)
+    summaries = Summaries(10, merged_keys * counts[..., None], merged_values * counts[..., None], counts)
+    mean_keys, mean_values, bonus = summaries.attended()
+    out, _ = merge_lse([causal_attention_lse(query, keys, values, 0.3),
+                        biased_attention_lse(query, mean_keys, mean_values, bonus, 0.3)])
+    copies = [torch.cat([merged_keys[:, h, b].expand(int(counts[0, h, b]), dim) for b in range(2)])
+              for h in range(kv_heads)]
+    copy_values = [torch.cat([merged_values[:, h, b].expand(int(counts[0, h, b]), dim) for b in range(2)])
+                   for h in range(kv_heads)]
+    for head in range(kv_heads):  # per KV head: the copies first (the past), then the stored tokens
+        heads = slice(head * group, (head + 1) * group)
+        expected = causal_attention(query[:, heads], torch.cat([copies[head][None, None], keys[:, head : head + 1]], 2),
+                                    torch.cat([copy_values[head][None, None], values[:, head : head + 1]], 2), 0.3)
+        torch.testing.assert_close(out[:, heads].to(expected.dtype), expected, rtol=1e-5, atol=1e-6)  # float32
+
+
+def test_every_evicted_token_is_merged_once_and_the_budget_holds(model, heads, ids):
+    engine = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                    merge=16, heads=heads)
+    cache = budget_cache(model, "locret", prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                         chunk_size=CHUNK, merge=16, heads=heads)
+    layers = [layer for layer in cache.layers if isinstance(layer, BudgetLayer)]
+    engine.prefill(ids, cache=cache)
+    for token in range(3):
+        engine.decode_step(token, cache)
+    for layer in layers:
+        assert layer.stored == BUDGET
+        merged = layer.summaries.counts.sum(-1)  # per (batch, head)
+        assert torch.equal(merged, torch.full_like(merged, PROMPT + 3 - BUDGET))
+        kept = torch.zeros(PROMPT + 3)  # evicted positions per block = the block's positions not kept
+        for head in range(layer.heads):
+            kept.zero_()
+            kept[layer.positions[0, head]] = 1
+            per_block = (1 - kept).reshape(-1, 1).squeeze(-1)
+            blocks = torch.zeros(layer.summaries.counts.shape[-1])
+            blocks.scatter_add_(0, torch.arange(PROMPT + 3) // 16, per_block)
+            assert torch.equal(layer.summaries.counts[0, head], blocks)
+
+
+def test_merging_changes_the_answer_but_not_what_is_kept(model, heads, ids):
+    dropped, _ = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                        sink=SINK, heads=heads).prefill(ids)
+    logits, cache = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                           merge=16, heads=heads).prefill(ids)
+    _, plain = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                      sink=SINK, once=True, heads=heads).prefill(ids)
+    assert (logits - dropped).abs().max() > 1e-4  # later chunks attend the summaries of earlier ones
+    once_logits, once_cache = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
+                                     sink=SINK, once=True, merge=16, heads=heads).prefill(ids)
+    full_logits, _ = Engine(model, mode="full").prefill(ids)
+    torch.testing.assert_close(once_logits, full_logits, rtol=1e-4, atol=1e-4)  # the prompt itself is exact
+    for merged, kept in zip(once_cache.layers, plain.layers, strict=True):
+        if isinstance(merged, BudgetLayer):  # the same scores choose the same tokens, merged or dropped
+            assert torch.equal(merged.positions, kept.positions)
+
+
+def test_once_holds_the_whole_prompt_until_its_last_chunk(model, heads, ids):
+    cache = budget_cache(model, "locret", prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                         chunk_size=CHUNK, once=True, heads=heads)
+    layers = [layer for layer in cache.layers if isinstance(layer, BudgetLayer)]
+
+    def check(done: int, total: int) -> None:
+        for layer in layers:
+            assert layer.stored == (done if done < total else BUDGET)
+
+    Engine(model, mode="locret", chunk_size=CHUNK, heads=heads).prefill(ids, cache=cache, on_chunk=check)
+
+
+def test_merge_takes_its_slots_from_the_budget_and_refuses_what_cannot_work():
+    assert BudgetOptions(compression=8, merge=64).resolve(4096) == 512 - 64
+    assert BudgetOptions(budget=100, merge=8).resolve(4096) == 100  # a budget in tokens is the tokens kept
+    assert BudgetOptions(compression=8, merge=64).resolve(100) == 68  # a short prompt is kept whole
+    with pytest.raises(HeadspaceError, match="whole budget"):
+        BudgetOptions(compression=8, merge=8)
+    with pytest.raises(HeadspaceError, match="block of positions"):
+        BudgetOptions(merge=-1)
+    with pytest.raises(HeadspaceError, match="once must be true or false"):
+        BudgetOptions(once=2)
+
+
+def test_offload_locret_refuses_merge(model, heads):
+    with pytest.raises(HeadspaceError, match="keeps them whole in host RAM"):
+        Engine(model, mode="offload+locret", merge=64, heads=heads)

@@ -33,7 +33,8 @@ Two options change what eviction leaves behind, for every policy:
 * ``merge``: evicted tokens are not dropped but merged, per KV head and block of ``merge``
   positions, into a summary (:mod:`headspace.eviction.summaries`) that later queries attend with
   the weight of the tokens it stands for. Its slots come out of the budget that ``compression``
-  resolves to (``prompt / compression - prompt / merge`` tokens), so the ratio stays one of memory.
+  resolves to (``prompt / compression - prompt / merge`` tokens), so the ratio stays one of slots (a
+  summary is float32 sums: twice the bytes of a bf16 token, the same as a float32 one).
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
 (prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below),
@@ -148,7 +149,7 @@ class BudgetOptions:
     def resolve(self, prompt_tokens: int | None) -> int:
         """Tokens per KV head for a prompt of ``prompt_tokens``: ``budget`` as given, or
         ``ceil(prompt_tokens / compression)`` less the summaries' ``ceil(prompt_tokens / merge)`` slots (the
-        ratio is of the memory), but never below ``stabilizer + sink`` (a short prompt keeps what it has
+        ratio is of the slots), but never below ``stabilizer + sink`` (a short prompt keeps what it has
         instead of being refused)."""
         if self.budget is not None:
             return self.budget

@@ -1,4 +1,5 @@
-"""Reading and writing sizes: token counts such as ``32k``, byte amounts such as ``20GiB``, and memory caps.
+"""Reading and writing sizes: token counts such as ``32k``, byte amounts such as ``20GiB``, and memory caps;
+and on/off options, which the command line gives as 1 and 0.
 
 One parser each, used by the CLI, the benchmarks and the API, so ``1m`` means the
 same thing everywhere: k and m are powers of two (``1m`` = 1,048,576 tokens).
@@ -72,6 +73,13 @@ def parse_memory_cap(value: int | float | str) -> int | float:
         return int(number)
     raise HeadspaceError(f"invalid memory cap '{value}': a bare number is a fraction in (0, 1] of the device; "
                          f"give bytes with a unit (examples: 20GiB, 0.5)")
+
+
+def parse_switch(value: object, name: str) -> bool:
+    """An on/off option: True or False, or 1 and 0 as the command line (``--option``, ``--setting``) gives them."""
+    if value not in (True, False):
+        raise HeadspaceError(f"{name} must be true or false (1 or 0), got {value!r}")
+    return bool(value)
 
 
 def human_bytes(n: float) -> str:

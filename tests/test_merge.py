@@ -4,34 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_locret import BUDGET, CHUNK, PROMPT, SINK, STABILIZER, budget_layers, heads, ids, model  # noqa: F401  (fixtures)
 
 from headspace import Engine, HeadspaceError
 from headspace.attention.kernels import biased_attention_lse, causal_attention, causal_attention_lse, merge_lse
 from headspace.eviction.budget import BudgetLayer, BudgetOptions, budget_cache
-from headspace.eviction.retaining.heads import HeadsSpec, RetainingHeads
 from headspace.eviction.summaries import Summaries
-
-VOCAB, PROMPT, CHUNK, BUDGET, STABILIZER, SINK = 128, 150, 16, 40, 8, 2
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
-    return LlamaForCausalLM(config).eval()
-
-
-@pytest.fixture(scope="module")
-def heads(model):
-    torch.manual_seed(1)
-    return RetainingHeads(HeadsSpec.from_config(model.config, hidden=8))
-
-
-@pytest.fixture(scope="module")
-def ids():
-    return torch.randint(0, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
@@ -52,18 +30,18 @@ def test_a_summary_weighs_as_its_tokens_when_they_are_equal(chunk):
     copy_values = [torch.cat([merged_values[:, h, b].expand(int(counts[0, h, b]), dim) for b in range(2)])
                    for h in range(kv_heads)]
     for head in range(kv_heads):  # per KV head: the copies first (the past), then the stored tokens
-        heads = slice(head * group, (head + 1) * group)
-        expected = causal_attention(query[:, heads], torch.cat([copies[head][None, None], keys[:, head : head + 1]], 2),
+        rows = slice(head * group, (head + 1) * group)
+        expected = causal_attention(query[:, rows], torch.cat([copies[head][None, None], keys[:, head : head + 1]], 2),
                                     torch.cat([copy_values[head][None, None], values[:, head : head + 1]], 2), 0.3)
-        torch.testing.assert_close(out[:, heads].to(expected.dtype), expected, rtol=1e-5, atol=1e-6)  # float32
+        torch.testing.assert_close(out[:, rows].to(expected.dtype), expected, rtol=1e-5, atol=1e-6)  # float32
 
 
-def test_every_evicted_token_is_merged_once_and_the_budget_holds(model, heads, ids):
+def test_every_evicted_token_is_merged_once_and_the_budget_holds(model, heads, ids):  # noqa: F811
     engine = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
                     merge=16, heads=heads)
     cache = budget_cache(model, "locret", prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
                          chunk_size=CHUNK, merge=16, heads=heads)
-    layers = [layer for layer in cache.layers if isinstance(layer, BudgetLayer)]
+    layers = budget_layers(cache)
     engine.prefill(ids, cache=cache)
     for token in range(3):
         engine.decode_step(token, cache)
@@ -81,7 +59,7 @@ def test_every_evicted_token_is_merged_once_and_the_budget_holds(model, heads, i
             assert torch.equal(layer.summaries.counts[0, head], blocks)
 
 
-def test_merging_changes_the_answer_but_not_what_is_kept(model, heads, ids):
+def test_merging_changes_the_answer_but_not_what_is_kept(model, heads, ids):  # noqa: F811
     dropped, _ = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
                         sink=SINK, heads=heads).prefill(ids)
     logits, cache = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
@@ -98,10 +76,10 @@ def test_merging_changes_the_answer_but_not_what_is_kept(model, heads, ids):
             assert torch.equal(merged.positions, kept.positions)
 
 
-def test_once_holds_the_whole_prompt_until_its_last_chunk(model, heads, ids):
+def test_once_holds_the_whole_prompt_until_its_last_chunk(model, heads, ids):  # noqa: F811
     cache = budget_cache(model, "locret", prompt_tokens=PROMPT, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
                          chunk_size=CHUNK, once=True, heads=heads)
-    layers = [layer for layer in cache.layers if isinstance(layer, BudgetLayer)]
+    layers = budget_layers(cache)
 
     def check(done: int, total: int) -> None:
         for layer in layers:
@@ -122,6 +100,6 @@ def test_merge_takes_its_slots_from_the_budget_and_refuses_what_cannot_work():
         BudgetOptions(once=2)
 
 
-def test_offload_locret_refuses_merge(model, heads):
+def test_offload_locret_refuses_merge(model, heads):  # noqa: F811
     with pytest.raises(HeadspaceError, match="keeps them whole in host RAM"):
         Engine(model, mode="offload+locret", merge=64, heads=heads)

@@ -65,6 +65,7 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 RUNTIME_OPTIONS = {"gpu_heads", "gpu_memory", "group_heads", "cpu_heads", "decode"}
 # options that files saved before they existed were saved with: a loading engine compares with these
 OPTION_DEFAULTS = {"kv_dtype": "bf16"}
+SUMMARY_PARTS = ("keys", "values", "counts")  # a budgeted layer's merged evicted tokens (``merge``)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); first called with 0 as the bytes start to move
 
@@ -285,9 +286,7 @@ def _layer_entries(prefix: str, layer) -> tuple[dict, list[Entry]]:
         if isinstance(layer.host, QuantizedKV):
             entries += _pair(prefix + "host.recent.", *layer.host.recent)
     if layer.summaries is not None:
-        merged = layer.summaries
-        entries += [_whole(prefix + "summaries.keys", merged.keys), _whole(prefix + "summaries.values", merged.values),
-                    _whole(prefix + "summaries.counts", merged.counts)]
+        entries += [_whole(prefix + f"summaries.{part}", getattr(layer.summaries, part)) for part in SUMMARY_PARTS]
     return {"kind": kind, "length": layer.length, "budget": layer.settings.budget, "host": host}, entries
 
 
@@ -569,7 +568,7 @@ class DocumentFile:
         if layer.summaries is not None:  # the engine's options match the file's (merge included)
             entries += [self._whole(prefix + f"summaries.{part}", device,
                                     lambda t, part=part: setattr(layer.summaries, part, t))
-                        for part in ("keys", "values", "counts")]
+                        for part in SUMMARY_PARTS]
         if record["host"]:
             if layer.host is None:
                 raise self._layout("it holds evicted tokens in host memory and this mode keeps none")

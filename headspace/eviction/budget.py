@@ -86,6 +86,7 @@ from headspace.kv.quant.store import QuantizedKV
 from headspace.kv.streaming import Staging, Transfers
 from headspace.kv.tiers import DeviceKV, HostKV
 from headspace.shape import ModelShape
+from headspace.units import parse_switch
 
 DECODE_ROOM = 16  # device slots beyond the budget kept for decode, once the prefill chunk's room is released
 
@@ -129,9 +130,7 @@ class BudgetOptions:
             raise HeadspaceError(f"kv_dtype '{self.kv_dtype}': this mode keeps no host tier (offload+locret does); "
                                  f"give the budget's precision on the device: fp8, int8 or bf16")
         object.__setattr__(self, "kv_dtype", str(precision))
-        if self.once not in (True, False):  # 1 and 0 too, as the command line gives them
-            raise HeadspaceError(f"once must be true or false (1 or 0), got {self.once!r}")
-        object.__setattr__(self, "once", bool(self.once))
+        object.__setattr__(self, "once", parse_switch(self.once, "once"))
         if self.merge < 0:
             raise HeadspaceError(f"merge must be a block of positions (0: off), got {self.merge}")
         if self.merge and self.host_tier:
@@ -303,7 +302,7 @@ class BudgetLayer(HeadspaceLayer):
         exact = self.host is not None and self.host.length > 0 and (not decoding or self.settings.decode_exact)
         if exact:
             out = self.attend_with_host(query, scaling, staging, keys, values)
-        elif self.summaries is not None and self.summaries.merged:
+        elif self.summaries is not None and self.summaries.any:
             summary = biased_attention_lse(query, *self.summaries.attended(), scaling)
             out = merge_lse([causal_attention_lse(query, keys, values, scaling), summary])[0].to(query.dtype)
         else:

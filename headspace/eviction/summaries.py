@@ -43,31 +43,28 @@ class Summaries:
         if positions.shape[-1] == 0:
             return
         blocks = positions // self.block
-        needed = int(blocks.max()) + 1
-        if needed > self.counts.shape[-1]:
-            grow = needed - self.counts.shape[-1]
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(*self.keys.shape[:2], grow, self.keys.shape[3])], 2)
-            self.values = torch.cat([self.values, self.values.new_zeros(self.keys.shape[:2] + (grow,)
-                                                                        + self.values.shape[3:])], 2)
-            self.counts = torch.cat([self.counts, self.counts.new_zeros(*self.counts.shape[:2], grow)], -1)
+        grow = int(blocks.max()) + 1 - self.counts.shape[-1]
+        if grow > 0:  # zero sums and counts for the new blocks (axis 2 of all three)
+            self.keys, self.values, self.counts = (
+                torch.cat([t, t.new_zeros(*t.shape[:2], grow, *t.shape[3:])], 2)
+                for t in (self.keys, self.values, self.counts))
         index = blocks.unsqueeze(-1).expand_as(keys)
         self.keys.scatter_add_(2, index, keys.float())
         self.values.scatter_add_(2, index, values.float())
         self.counts.scatter_add_(-1, blocks, torch.ones_like(blocks, dtype=torch.float32))
 
     @property
-    def merged(self) -> int:
-        """Evicted tokens merged, per KV head (the largest over heads)."""
-        return int(self.counts.sum(-1).max()) if self.counts.numel() else 0
+    def any(self) -> bool:
+        """Whether anything was merged: blocks are only made for evicted tokens (read from the shape, so a
+        decode step does not wait for the device)."""
+        return self.counts.shape[-1] > 0
 
     def attended(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The blocks any head has merged into: mean keys and values (B, Hk, m, D) and the score bonus
-        ``log n`` (B, Hk, m), minus infinity where a head merged nothing into that block."""
-        used = self.counts.flatten(0, 1).sum(0) > 0
-        counts = self.counts[:, :, used]
-        share = counts.clamp_min(1).unsqueeze(-1)
-        bonus = torch.where(counts > 0, counts.clamp_min(1).log(), torch.full_like(counts, float("-inf")))
-        return self.keys[:, :, used] / share, self.values[:, :, used] / share, bonus
+        """Every block's mean key and value (B, Hk, blocks, D) and its score bonus ``log n`` (B, Hk, blocks), minus
+        infinity (not attended) where a head merged nothing into that block."""
+        share = self.counts.clamp_min(1)
+        bonus = torch.where(self.counts > 0, share.log(), torch.full_like(share, float("-inf")))
+        return self.keys / share.unsqueeze(-1), self.values / share.unsqueeze(-1), bonus
 
     def clone(self) -> Summaries:
         return Summaries(self.block, self.keys.clone(), self.values.clone(), self.counts.clone())

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel
 from headspace.errors import HeadspaceError
 from headspace.eviction.policies.base import Policy, ScoreInputs, append_scores, register_policy
 from headspace.eviction.retaining.heads import RetainingHeads, RopeInverse, cached_heads
+from headspace.units import parse_switch
 
 
 @register_policy
@@ -44,9 +45,7 @@ class Locret(Policy):
     def __post_init__(self) -> None:
         if self.pool < 1 or self.pool % 2 == 0:
             raise HeadspaceError(f"locret pool must be an odd number of tokens (1: off), got {self.pool}")
-        if self.center not in (True, False):  # 1 and 0 too, as the command line gives them
-            raise HeadspaceError(f"locret center must be true or false (1 or 0), got {self.center!r}")
-        self.center = bool(self.center)
+        self.center = parse_switch(self.center, "locret center")
 
     def prepare(self, model: PreTrainedModel) -> Locret:
         ready = Locret(self.heads, self.pool, self.center)

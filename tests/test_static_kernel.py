@@ -181,6 +181,8 @@ def test_the_kernel_is_taken_only_where_it_runs():
 
 
 COMPILE = """
+import itertools
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -191,13 +193,17 @@ def compile(fn, signature, constants, warps):
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert "cubin" in compiled.asm, fn
 
-for dtype, dim in (("bf16", 128), ("fp16", 128), ("bf16", 256), ("bf16", 64)):
+SHAPES = (("bf16", 128), ("fp16", 128), ("bf16", 256), ("bf16", 64))
+for (dtype, dim), store in itertools.product(SHAPES, (False, True)):  # STORE: the new token written by the kernel
     compile(triton_decode._split,
             {"query": f"*{dtype}", "keys": f"*{dtype}", "values": f"*{dtype}", "position": "*i64", "acc": "*fp32",
-             "top_out": "*fp32", "total_out": "*fp32", "HEADS": "i32", "FIRST": "i64", "WINDOW": "i64",
-             "PER_SPLIT": "i32", "scale_log2": "fp32", "key_batch": "i64", "key_head": "i64", "key_slot": "i64",
-             "value_batch": "i64", "value_head": "i64", "value_slot": "i64"},
-            {"DIM": dim, "RATIO": 4, "RATIO_PAD": 16, "BLOCK_N": triton_decode.BLOCK}, triton_decode.WARPS)
+             "top_out": "*fp32", "total_out": "*fp32", "new_key": f"*{dtype}", "new_value": f"*{dtype}",
+             "HEADS": "i32", "FIRST": "i64", "WINDOW": "i64", "PER_SPLIT": "i32", "scale_log2": "fp32",
+             "key_batch": "i64", "key_head": "i64", "key_slot": "i64", "value_batch": "i64", "value_head": "i64",
+             "value_slot": "i64", "new_key_batch": "i64", "new_key_head": "i64", "new_value_batch": "i64",
+             "new_value_head": "i64"},
+            {"DIM": dim, "RATIO": 4, "RATIO_PAD": 16, "BLOCK_N": triton_decode.BLOCK, "STORE": store},
+            triton_decode.WARPS)
     compile(triton_decode._merge,
             {"acc": "*fp32", "top_in": "*fp32", "total_in": "*fp32", "out": f"*{dtype}", "SPLITS": "i32"},
             {"DIM": dim, "RATIO": 4, "SPLIT_BLOCK": triton_decode.MERGE_BLOCK}, 4)

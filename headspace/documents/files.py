@@ -311,6 +311,12 @@ def _header(manifest: dict, entries: list[Entry], checksums: dict[str, list[str]
     return raw + b" " * (-(8 + len(raw)) % ALIGN)
 
 
+def _kv_dtype(layer) -> torch.dtype:
+    """The dtype a layer's KV was computed in: headspace's layers record it; transformers' own (``full``) carry it
+    only on their tensors (``DynamicLayer.dtype`` went away in transformers 5.24)."""
+    return layer.dtype if hasattr(layer, "dtype") else layer.keys.dtype
+
+
 def save(document: Document, path: str | os.PathLike, model_name: str | None = None,
          on_progress: Progress | None = None) -> int:
     """Write ``document`` to ``path`` atomically; returns the file's size in bytes.
@@ -328,7 +334,7 @@ def save(document: Document, path: str | os.PathLike, model_name: str | None = N
         layers.append(record)
         entries += tensors
     manifest = {"format": FORMAT, "headspace": headspace_version(), "model": document.model, "model_name": model_name,
-                "dtype": str(document.cache.layers[0].dtype).removeprefix("torch."),
+                "dtype": str(_kv_dtype(document.cache.layers[0])).removeprefix("torch."),
                 "mode": document.mode, "options": document.options, "tokens": document.tokens.tolist(),
                 "suffix": list(document.suffix), "layers": layers}
     header = _header(manifest, entries, {entry.name: ["0" * 8] * -(-entry.nbytes // BLOCK) for entry in entries})

@@ -48,7 +48,7 @@ EXACT = [
 BUDGET = dict(budget=24, stabilizer=8, sink=2)  # evicts during the document, the question and the answer
 EVICTION = [("locret", {}), ("offload+locret", {}), ("offload+locret", dict(decode="exact")), ("snapkv", {}),
             ("streamingllm", {}), ("random", dict(seed=3)), ("locret", dict(merge=8)),
-            ("locret", dict(once=True, merge=8))]
+            ("locret", dict(once=True, merge=8)), ("offload+locret", dict(release=True, merge=8))]
 
 
 def ids(length: int, seed: int) -> torch.Tensor:
@@ -290,7 +290,8 @@ def test_kept_prompts_are_dropped_before_a_cache_that_needs_their_memory(tiny_mo
 # -- item 2: save and load -------------------------------------------------------------------------------------
 
 SAVED_MODES = [("full", {}), ("offload", dict(gpu_heads=1, group_heads=1)), ("offload", dict(gpu_heads=0)),
-               ("locret", {}), ("offload+locret", {}), ("random", dict(seed=3)), ("locret", dict(once=True, merge=8))]
+               ("locret", {}), ("offload+locret", {}), ("random", dict(seed=3)), ("locret", dict(once=True, merge=8)),
+               ("offload+locret", dict(release=True, merge=8))]
 
 
 @pytest.mark.parametrize("mode,options", SAVED_MODES, ids=lambda v: str(v))

@@ -86,6 +86,7 @@ def test_once_holds_the_whole_prompt_until_its_last_chunk(model, heads, ids):  #
             assert layer.stored == (done if done < total else BUDGET)
 
     Engine(model, mode="locret", chunk_size=CHUNK, heads=heads).prefill(ids, cache=cache, on_chunk=check)
+    assert all(layer.store.capacity == BUDGET + CHUNK for layer in layers)  # the prompt's room is given back
 
 
 def test_merge_takes_its_slots_from_the_budget_and_refuses_what_cannot_work():
@@ -100,6 +101,44 @@ def test_merge_takes_its_slots_from_the_budget_and_refuses_what_cannot_work():
         BudgetOptions(once=2)
 
 
-def test_offload_locret_refuses_merge(model, heads):  # noqa: F811
-    with pytest.raises(HeadspaceError, match="keeps them whole in host RAM"):
-        Engine(model, mode="offload+locret", merge=64, heads=heads)
+def test_release_is_once_with_the_prompt_in_host_ram(model, heads, ids):  # noqa: F811
+    """offload+locret with release: the prompt is attended exactly over the host tier, which is then freed; the
+    budget and summaries are those of once (the same scores choose the same tokens, however often it evicts)."""
+    options = dict(chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK, merge=16, heads=heads)
+    once = Engine(model, mode="locret", once=True, **options)
+    released = Engine(model, mode="offload+locret", release=True, **options)
+    kept = Engine(model, mode="offload+locret", **options)
+    (once_logits, once_cache), (logits, cache) = once.prefill(ids), released.prefill(ids)
+    torch.testing.assert_close(logits, once_logits, rtol=1e-4, atol=1e-4)
+    for layer, reference in zip(budget_layers(cache), budget_layers(once_cache), strict=True):
+        assert layer.host is None and layer.host_bytes == 0
+        assert torch.equal(layer.positions, reference.positions)
+        assert torch.equal(layer.summaries.counts, reference.summaries.counts)
+    assert cache.device_kv_bytes == once_cache.device_kv_bytes  # the staging buffers went with the host tier
+    assert all(layer.host_bytes > 0 for layer in budget_layers(kept.prefill(ids)[1]))  # without release: kept
+    for token in range(3):
+        torch.testing.assert_close(released.decode_step(token, cache), once.decode_step(token, once_cache),
+                                   rtol=1e-4, atol=1e-4)
+    generation = released.generate(ids, max_new_tokens=4)
+    assert generation.stats.host_kv_bytes == 0
+    assert generation.token_ids == once.generate(ids, max_new_tokens=4).token_ids
+
+
+def test_a_kept_document_released_answers_from_its_budget(model, heads, ids):  # noqa: F811
+    """A released document's questions attend the budget and summaries, as once's do; a kept host tier would
+    give the question's prefill every evicted token."""
+    options = dict(chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK, merge=16, heads=heads)
+    once = Engine(model, mode="locret", once=True, keep_bytes=0, **options)
+    released = Engine(model, mode="offload+locret", release=True, keep_bytes=0, **options)
+    question = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
+    answers = [engine.ask(engine.prefill_document(ids), question, max_new_tokens=4) for engine in (once, released)]
+    assert answers[1].token_ids == answers[0].token_ids and answers[1].stats.host_kv_bytes == 0
+
+
+def test_offload_locret_merges_for_decode_over_the_budget_only(model, heads):  # noqa: F811
+    Engine(model, mode="offload+locret", merge=64, heads=heads)
+    for refused in (dict(merge=64), dict(release=True)):
+        with pytest.raises(HeadspaceError, match="has nothing to do; use decode='budget'"):
+            Engine(model, mode="offload+locret", decode="exact", heads=heads, **refused)
+    with pytest.raises(HeadspaceError, match="release must be true or false"):
+        Engine(model, mode="offload+locret", release=2, heads=heads)

@@ -147,7 +147,7 @@ def weight_count(config: PretrainedConfig) -> int:
 
 # CLI flag -> engine option; a flag left out is not passed, so each mode's own default applies
 MODE_FLAGS = ("gpu_heads", "group_heads", "cpu_heads", "gpu_memory", "kv_dtype", "budget", "compression", "stabilizer",
-              "sink", "once", "merge", "heads")
+              "sink", "once", "merge", "release", "heads")
 
 
 def kv_dtype(text: str) -> str:
@@ -226,6 +226,9 @@ def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "off
     eviction.add_argument("--merge", type=non_negative_int, metavar="N",
                           help="merge evicted tokens into one summary per KV head and block of N positions, "
                                "attended with the weight of the tokens it stands for (0: drop them, the default)")
+    eviction.add_argument("--release", action="store_true", default=None,
+                          help="offload+locret: free the host RAM once the prompt is prefilled (exact), so what "
+                               "follows sees the device budget only (with --merge: --once without its device memory)")
     eviction.add_argument("--heads", metavar="FILE",
                           help="retaining heads file (default: the one shipped for the model)")
 

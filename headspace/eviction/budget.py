@@ -38,9 +38,9 @@ Two options change what eviction leaves behind, for every policy:
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
 (prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below),
-``once`` and ``merge`` (above), and for ``offload+locret`` ``decode``; the policy's own fields (e.g. Locret's ``heads``,
-SnapKV's ``window`` and ``kernel``) configure the policy. A prompt too short to need
-eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
+``once`` and ``merge`` (above), and for ``offload+locret`` ``decode``, ``group_heads`` and ``release``; the
+policy's own fields (e.g. Locret's ``heads``, SnapKV's ``window`` and ``kernel``) configure the policy. A
+prompt too short to need eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
 
 ``offload+locret`` keeps what Locret would evict in host memory instead of dropping
 it. What attention covers there:
@@ -52,7 +52,13 @@ it. What attention covers there:
 * decode (``decode="budget"``, the default): the device-resident budget only, so a
   decode step moves nothing over PCIe; tokens evicted during decode go to the host
   too. With ``decode="exact"`` decode also attends over the host tokens, and the
-  mode computes exactly what ``full`` (and ``offload``) compute.
+  mode computes exactly what ``full`` (and ``offload``) compute;
+* with ``merge`` (``decode="budget"`` only): evicted tokens go to the host and into the summaries, which
+  decode attends beside the budget;
+* with ``release``: the host tier is freed once the prompt has been prefilled, so later chunks (a
+  kept document's questions) and decode attend the budget (and summaries) only. With ``merge``, this is
+  ``once`` and ``merge`` (Locret's scores do not depend on what was kept, so the budget ends up holding
+  the same tokens), but the prompt waits in host RAM instead of device memory.
 
 ``kv_dtype`` (:mod:`headspace.kv.quant`) stores KV in fewer bits. The budget on the device (the gpu
 tier: ``kv_dtype="fp8"`` or ``"int8"``) is kept as rows of one scale per token and head: eviction drops
@@ -133,8 +139,6 @@ class BudgetOptions:
         object.__setattr__(self, "once", parse_switch(self.once, "once"))
         if self.merge < 0:
             raise HeadspaceError(f"merge must be a block of positions (0: off), got {self.merge}")
-        if self.merge and self.host_tier:
-            raise HeadspaceError("merge summarizes evicted tokens; offload+locret keeps them whole in host RAM")
         ratio = 4.0 if self.compression is None else float(self.compression)
         if self.merge and self.budget is None and self.merge <= ratio:
             raise HeadspaceError(f"merge blocks of {self.merge} positions at {ratio:g}x compression would take the "
@@ -167,6 +171,7 @@ class OffloadBudgetOptions(BudgetOptions):
 
     decode: str = "budget"  # "budget": the device-resident tokens only; "exact": host tokens too
     group_heads: int | None = None  # heads streamed back per step in prefill (None: automatic)
+    release: bool = False  # free the host tier once the prompt is prefilled: what follows sees the budget only
 
     host_tier: ClassVar[bool] = True
 
@@ -174,6 +179,10 @@ class OffloadBudgetOptions(BudgetOptions):
         super().__post_init__()
         if self.decode not in ("budget", "exact"):
             raise HeadspaceError(f"decode must be 'budget' or 'exact', got '{self.decode}'")
+        object.__setattr__(self, "release", parse_switch(self.release, "release"))
+        if self.decode == "exact" and (self.merge or self.release):
+            raise HeadspaceError("decode='exact' attends every evicted token whole from host RAM, so "
+                                 f"{'merge' if self.merge else 'release'} has nothing to do; use decode='budget'")
         if self.group_heads is not None and self.group_heads < 1:
             raise HeadspaceError(f"group_heads must be at least 1, got {self.group_heads}")
 
@@ -190,6 +199,7 @@ class BudgetSettings:
     prompt_tokens: int | None = None  # where the prompt ends (policies that compress once, at its end)
     once: bool = False  # every policy compresses once, at the prompt's end
     merge: int = 0  # positions per summary block of evicted tokens (0: evicted tokens are dropped)
+    release: bool = False  # offload+locret: the host tier is freed once the prompt is prefilled
 
     def budget_of(self, layer: int) -> int:
         return self.layer_budgets.get(layer, self.budget)
@@ -312,7 +322,21 @@ class BudgetLayer(HeadspaceLayer):
                                                     self.length - chunk, scaling))
         if not self.holding_prompt(decoding):
             self.evict(keys, values)
+            if not decoding and self.store.capacity > self.budget + self.chunk_size:  # the prompt held by once
+                self.shrink(self.budget + self.chunk_size)
+        if self.host is not None and self.settings.release and (decoding or self.prompt_done):
+            self.release_host()
         return out
+
+    @property
+    def prompt_done(self) -> bool:
+        """Whether the prompt's last chunk has been attended (always, when the cache was not told its length)."""
+        return self.length >= (self.settings.prompt_tokens or 0)
+
+    def release_host(self) -> None:
+        """Free the host tier (``release``): the prompt was attended exactly, and what it evicted is now only in
+        the summaries (``merge``), or gone; later chunks and decode see the device budget, as in ``locret``."""
+        self.host, self.host_positions, self.written = None, [], None
 
     def attended(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored token as attention reads it: the store itself when exact; else its rows before the newest
@@ -334,7 +358,7 @@ class BudgetLayer(HeadspaceLayer):
     def holding_prompt(self, decoding: bool) -> bool:
         """Whether a compress-once policy still keeps every token: until the prompt's last chunk is scored."""
         once = self.policy.compress_once or self.settings.once
-        return once and not decoding and self.length < (self.settings.prompt_tokens or 0)
+        return once and not decoding and not self.prompt_done
 
     def attend_with_host(self, query: torch.Tensor, scaling: float, staging: Staging,
                          keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -364,7 +388,8 @@ class BudgetLayer(HeadspaceLayer):
         return out
 
     def shrink(self, tokens: int) -> None:
-        """Give back the prefill chunk's room once decoding: decode appends one token per step."""
+        """Give back room no longer needed: the whole prompt's, once ``once`` has compressed it (a kept document
+        then holds its budget and a chunk), and the prefill chunk's once decoding (one token per step)."""
         store = DeviceKV(*self.store.shape, self.store.dtype, self.device)
         store.reserve(max(tokens, self.store.length))
         store.append(*self.store.view())
@@ -448,7 +473,8 @@ def budget_cache(
     if prompt_tokens is None or budget < prompt_tokens:
         spread = template.layer_budgets(budget, shape.full_attention_layers, kept)
     settings = BudgetSettings(budget, budget_options.stabilizer, budget_options.sink, decode_exact, spread,
-                              prompt_tokens, budget_options.once, budget_options.merge)
+                              prompt_tokens, budget_options.once, budget_options.merge,
+                              getattr(budget_options, "release", False))
     if block_tokens is None:  # host blocks: what the prompt will evict, plus room for decode
         block_tokens = max((prompt_tokens or 0) - budget, 0) + 1024
     device = model.device

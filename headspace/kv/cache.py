@@ -206,7 +206,10 @@ class HeadspaceCache(Cache):
             nxt = self._next_streamed[self._forward_phase].get(layer_idx)
             return layer.attend(query, scaling, self.staging, self._forward_phase,
                                 after=self.layers[nxt] if nxt is not None else None)
-        return layer.attend(query, scaling, self.staging, self._forward_phase)
+        out = layer.attend(query, scaling, self.staging, self._forward_phase)
+        if layer_idx == len(self.layers) - 1 and self.staging.slots and not self.host_kv_bytes:
+            self.staging.free()  # every host tier was released (offload+locret's release): nothing left to stream
+        return out
 
     # -- the static form of decode (headspace.kv.static), which a CUDA graph can replay ----------------------
     @property

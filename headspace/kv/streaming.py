@@ -163,6 +163,15 @@ class Staging:
         for slot in self.slots:
             slot.tag, slot.quantized = None, None
 
+    def free(self) -> None:
+        """Give the buffers back (nothing is left to stream: offload+locret's released host tier); a later fetch
+        allocates them again."""
+        for slot in self.slots:
+            for event in (slot.ready, slot.free):  # a copy or a read may still be in flight on a stream
+                if event is not None:
+                    event.synchronize()
+        self.slots, self.current = [], 0
+
     def release(self, slot: Slot) -> None:
         """All compute that reads ``slot`` has been issued; a later fetch into it waits for that."""
         slot.free = self.transfers.mark()

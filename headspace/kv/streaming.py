@@ -92,6 +92,9 @@ class Staging:
             slot.keys = torch.empty(size, device=self.device, dtype=self.dtype)
             slot.values = torch.empty_like(slot.keys)
             slot.tag = None
+            # The allocator may hand out memory that kernels queued on this stream still use (their tensors were
+            # freed in Python, not on the GPU yet); the copy stream writes into it only once they have run.
+            slot.free = self.transfers.mark()
         return slot
 
     def fetch(self, host: HostKV | QuantizedKV, heads: slice, tokens: int, room: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_cli import refused, tiny_model  # noqa: F401  (tiny_model: a fixture)
 from test_locret import BUDGET, CHUNK, PROMPT, SINK, STABILIZER, budget_layers, heads, ids, model  # noqa: F401  (fixtures)
 
 from headspace import Engine, HeadspaceError
@@ -137,8 +138,17 @@ def test_a_kept_document_released_answers_from_its_budget(model, heads, ids):  #
 
 def test_offload_locret_merges_for_decode_over_the_budget_only(model, heads):  # noqa: F811
     Engine(model, mode="offload+locret", merge=64, heads=heads)
-    for refused in (dict(merge=64), dict(release=True)):
+    for options in (dict(merge=64), dict(release=True)):
         with pytest.raises(HeadspaceError, match="has nothing to do; use decode='budget'"):
-            Engine(model, mode="offload+locret", decode="exact", heads=heads, **refused)
+            Engine(model, mode="offload+locret", decode="exact", heads=heads, **options)
     with pytest.raises(HeadspaceError, match="release must be true or false"):
         Engine(model, mode="offload+locret", release=2, heads=heads)
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_the_command_line_passes_release_and_names_the_mode_that_takes_it(capsys, tiny_model):  # noqa: F811
+    line = refused(capsys, "generate", "--model", tiny_model, "--prompt", "hi", "--mode", "locret", "--release")
+    assert "release not taken by eviction with policy 'locret'" in line
+    line = refused(capsys, "generate", "--model", tiny_model, "--prompt", "hi", "--mode", "offload+locret",
+                   "--release", "--merge", "64", "--compression", "8", "--heads", "missing.safetensors")
+    assert "release" not in line  # taken: what is refused is the heads file

@@ -405,21 +405,24 @@ def test_damaged_files_are_refused(saved, tmp_path, how, message):
         engine.load(tmp_path / "bad.hsc")
 
 
-def test_a_file_saved_before_once_and_merge_existed_loads_as_without_them(tiny_models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode,newer", [("locret", ("once", "merge")),
+                                        ("offload+locret", ("once", "merge", "release"))])
+def test_a_file_saved_before_newer_options_existed_loads_as_without_them(tiny_models, tmp_path, monkeypatch, mode,
+                                                                          newer):
     model = tiny_models.model("llama")
-    options = eviction_options(model, "locret", {})
-    engine = Engine(model, mode="locret", chunk_size=16, keep_bytes=0, **options)
+    options = eviction_options(model, mode, {})
+    engine = Engine(model, mode=mode, chunk_size=16, keep_bytes=0, **options)
     recorder = Recorder(engine, monkeypatch)
     document = engine.prefill_document(ids(60, seed=1))
     engine.save(document, tmp_path / "doc.hsc")
     rewrite_manifest(tmp_path / "doc.hsc", tmp_path / "old.hsc",
-                     lambda manifest: [manifest["options"].pop(key) for key in ("once", "merge")])
+                     lambda manifest: [manifest["options"].pop(key) for key in newer])
     loaded = engine.load(tmp_path / "old.hsc")
     question = questions()[0]
     expected = ask(engine, document, question, recorder)[1].token_ids
     assert ask(engine, loaded, question, recorder)[1].token_ids == expected
     with pytest.raises(HeadspaceError, match="saved with merge=0 and this engine has merge=8"):
-        Engine(model, mode="locret", chunk_size=16, keep_bytes=0, merge=8, **options).load(tmp_path / "old.hsc")
+        Engine(model, mode=mode, chunk_size=16, keep_bytes=0, merge=8, **options).load(tmp_path / "old.hsc")
 
 
 def test_foreign_files_are_refused(saved, tmp_path, tiny_models):

@@ -64,7 +64,7 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 # change where KV lives, speed or decode, not what the cache holds (a load keeps the file's split of heads)
 RUNTIME_OPTIONS = {"gpu_heads", "gpu_memory", "group_heads", "cpu_heads", "decode"}
 # options that files saved before they existed were saved with: a loading engine compares with these
-OPTION_DEFAULTS = {"kv_dtype": "bf16", "once": False, "merge": 0}
+OPTION_DEFAULTS = {"kv_dtype": "bf16", "once": False, "merge": 0, "release": False}
 SUMMARY_PARTS = ("keys", "values", "counts")  # a budgeted layer's merged evicted tokens (``merge``)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); first called with 0 as the bytes start to move

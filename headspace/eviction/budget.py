@@ -408,19 +408,21 @@ class BudgetLayer(HeadspaceLayer):
         kept = torch.zeros_like(self.positions, dtype=torch.int8).scatter_(-1, top, 1)
         order = torch.sort(kept, dim=-1, stable=True).indices  # evicted first, then kept, each in position order
         drop, keep = order[..., : stored - budget], order[..., stored - budget :]
-        index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
-        if self.summaries is not None:
-            self.summaries.add(self.positions.gather(-1, drop), keys.gather(2, index), values.gather(2, index))
-        if self.host is not None:
-            if isinstance(self.host, QuantizedKV):
-                self.host.append(keys.gather(2, index), values.gather(2, index))
-                rows = self.host.take_groups()
-                if rows is not None:
-                    self.host.rows.write(*rows)
-            else:
-                self.host.write(keys.gather(2, index), values.gather(2, index))
-            self.written = self.transfers.mark()
-            self.host_positions.append(self.positions.gather(-1, drop).cpu())
+        if self.summaries is not None or self.host is not None:  # the evicted tokens, gathered once for both
+            index = drop.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+            evicted, positions = (keys.gather(2, index), values.gather(2, index)), self.positions.gather(-1, drop)
+            if self.summaries is not None:
+                self.summaries.add(positions, *evicted)
+            if self.host is not None:
+                if isinstance(self.host, QuantizedKV):
+                    self.host.append(*evicted)
+                    rows = self.host.take_groups()
+                    if rows is not None:
+                        self.host.rows.write(*rows)
+                else:
+                    self.host.write(*evicted)
+                self.written = self.transfers.mark()
+                self.host_positions.append(positions.cpu())
         self.store.keep(keep)
         self.positions = self.positions.gather(-1, keep)
         self.scores = self.scores.gather(-1, keep)

@@ -207,8 +207,11 @@ class HeadspaceCache(Cache):
             return layer.attend(query, scaling, self.staging, self._forward_phase,
                                 after=self.layers[nxt] if nxt is not None else None)
         out = layer.attend(query, scaling, self.staging, self._forward_phase)
-        if layer_idx == len(self.layers) - 1 and self.staging.slots and not self.host_kv_bytes:
-            self.staging.free()  # every host tier was released (offload+locret's release): nothing left to stream
+        # every host tier was released (offload+locret's release): nothing is left to stream. ``any`` stops at the
+        # first layer holding host memory, so an offloading cache's decode step pays one layer's check, not all
+        last = layer_idx == len(self.layers) - 1
+        if last and self.staging.slots and not any(other.host_bytes for other in self.layers):
+            self.staging.free()
         return out
 
     # -- the static form of decode (headspace.kv.static), which a CUDA graph can replay ----------------------

@@ -46,7 +46,8 @@ EXACT = [
     ("offload", dict(gpu_heads=2, group_heads=1), 33),  # every KV head on the device for the 2-head models
 ]
 BUDGET = dict(budget=24, stabilizer=8, sink=2)  # evicts during the document, the question and the answer
-EVICTION = [("locret", {}), ("offload+locret", {}), ("offload+locret", dict(decode="exact")), ("snapkv", {}),
+EVICTION = [("locret", {}), ("locret", dict(prefill="chunked")), ("offload+locret", {}),
+            ("offload+locret", dict(decode="exact")), ("snapkv", {}),
             ("streamingllm", {}), ("random", dict(seed=3)), ("locret", dict(merge=8)),
             ("locret", dict(once=True, merge=8)), ("offload+locret", dict(release=True, merge=8))]
 
@@ -405,12 +406,12 @@ def test_damaged_files_are_refused(saved, tmp_path, how, message):
         engine.load(tmp_path / "bad.hsc")
 
 
-@pytest.mark.parametrize("mode,newer", [("locret", ("once", "merge")),
-                                        ("offload+locret", ("once", "merge", "release"))])
+@pytest.mark.parametrize("mode,chosen,newer", [("locret", {"prefill": "chunked"}, ("once", "merge", "prefill")),
+                                               ("offload+locret", {}, ("once", "merge", "release"))])
 def test_a_file_saved_before_newer_options_existed_loads_as_without_them(tiny_models, tmp_path, monkeypatch, mode,
-                                                                          newer):
+                                                                          chosen, newer):
     model = tiny_models.model("llama")
-    options = eviction_options(model, mode, {})
+    options = eviction_options(model, mode, chosen)
     engine = Engine(model, mode=mode, chunk_size=16, keep_bytes=0, **options)
     recorder = Recorder(engine, monkeypatch)
     document = engine.prefill_document(ids(60, seed=1))
@@ -422,7 +423,12 @@ def test_a_file_saved_before_newer_options_existed_loads_as_without_them(tiny_mo
     expected = ask(engine, document, question, recorder)[1].token_ids
     assert ask(engine, loaded, question, recorder)[1].token_ids == expected
     with pytest.raises(HeadspaceError, match="saved with merge=0 and this engine has merge=8"):
-        Engine(model, mode=mode, chunk_size=16, keep_bytes=0, merge=8, **options).load(tmp_path / "old.hsc")
+        Engine(model, mode=mode, chunk_size=16, keep_bytes=0, **{**options, "merge": 8}).load(tmp_path / "old.hsc")
+    if mode == "locret":  # files from before the exact prefill were chunked: today's default engine says so
+        defaults = {key: value for key, value in options.items() if key not in chosen}
+        with pytest.raises(HeadspaceError,
+                           match="saved with merge=0, prefill=chunked and this engine has merge=64, prefill=exact"):
+            Engine(model, mode=mode, chunk_size=16, keep_bytes=0, **defaults).load(tmp_path / "old.hsc")
 
 
 def test_foreign_files_are_refused(saved, tmp_path, tiny_models):

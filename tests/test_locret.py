@@ -137,12 +137,18 @@ def test_budget_covering_everything_matches_full_and_a_smaller_one_evicts(model,
     torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
     out = engine.generate(ids, max_new_tokens=6, stop_on_eos=False)
     assert out.token_ids == full.token_ids
-    # the same engine with a budget below the prompt evicts, and the evictions change the logits
+    # the same engine with a budget below the prompt evicts, and in a chunked prefill the evictions change the
+    # logits; an exact prefill (locret's default) evicts as much and its logits stay full's
     small = Engine(model, mode=policy, chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
-                   **policy_options(policy, heads))
+                   prefill="chunked", **policy_options(policy, heads))
     logits, cache = small.prefill(ids)
     assert all(layer.stored == BUDGET for layer in budget_layers(cache))
     assert (logits - full_logits).abs().max() > 1e-3
+    exact = Engine(model, mode=policy, chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
+                   prefill="exact", **policy_options(policy, heads))
+    logits, cache = exact.prefill(ids)
+    assert all(layer.stored == BUDGET and layer.host_bytes == 0 for layer in budget_layers(cache))
+    torch.testing.assert_close(logits, full_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_compression_resolves_against_the_prompt(model, ids):

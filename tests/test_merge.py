@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import psutil
 import pytest
 import torch
 from test_cli import refused, tiny_model  # noqa: F401  (tiny_model: a fixture)
@@ -9,7 +12,7 @@ from test_locret import BUDGET, CHUNK, PROMPT, SINK, STABILIZER, budget_layers, 
 
 from headspace import Engine, HeadspaceError
 from headspace.attention.kernels import biased_attention_lse, causal_attention, causal_attention_lse, merge_lse
-from headspace.eviction.budget import BudgetLayer, BudgetOptions, budget_cache
+from headspace.eviction.budget import BudgetLayer, BudgetOptions, budget_cache, split_options
 from headspace.eviction.summaries import Summaries
 
 
@@ -62,9 +65,9 @@ def test_every_evicted_token_is_merged_once_and_the_budget_holds(model, heads, i
 
 def test_merging_changes_the_answer_but_not_what_is_kept(model, heads, ids):  # noqa: F811
     dropped, _ = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
-                        sink=SINK, heads=heads).prefill(ids)
+                        sink=SINK, prefill="chunked", heads=heads).prefill(ids)
     logits, cache = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK,
-                           merge=16, heads=heads).prefill(ids)
+                           prefill="chunked", merge=16, heads=heads).prefill(ids)
     _, plain = Engine(model, mode="locret", chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER,
                       sink=SINK, once=True, heads=heads).prefill(ids)
     assert (logits - dropped).abs().max() > 1e-4  # later chunks attend the summaries of earlier ones
@@ -111,11 +114,14 @@ def test_release_is_once_with_the_prompt_in_host_ram(model, heads, ids):  # noqa
     kept = Engine(model, mode="offload+locret", **options)
     (once_logits, once_cache), (logits, cache) = once.prefill(ids), released.prefill(ids)
     torch.testing.assert_close(logits, once_logits, rtol=1e-4, atol=1e-4)
-    for layer, reference in zip(budget_layers(cache), budget_layers(once_cache), strict=True):
-        assert layer.host is None and layer.host_bytes == 0
-        assert torch.equal(layer.positions, reference.positions)
+    exact_logits, exact_cache = Engine(model, mode="locret", **options).prefill(ids)  # locret's default prefill
+    assert torch.equal(exact_logits, logits)
+    for layer, reference, exact in zip(budget_layers(cache), budget_layers(once_cache), budget_layers(exact_cache),
+                                       strict=True):
+        assert layer.host is None and layer.host_bytes == 0 and exact.host is None
+        assert torch.equal(layer.positions, reference.positions) and torch.equal(exact.positions, layer.positions)
         assert torch.equal(layer.summaries.counts, reference.summaries.counts)
-    assert cache.device_kv_bytes == once_cache.device_kv_bytes  # the staging buffers went with the host tier
+    assert cache.device_kv_bytes == once_cache.device_kv_bytes == exact_cache.device_kv_bytes  # staging freed
     assert all(layer.host_bytes > 0 for layer in budget_layers(kept.prefill(ids)[1]))  # without release: kept
     for token in range(3):
         torch.testing.assert_close(released.decode_step(token, cache), once.decode_step(token, once_cache),
@@ -131,9 +137,53 @@ def test_a_kept_document_released_answers_from_its_budget(model, heads, ids):  #
     options = dict(chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK, merge=16, heads=heads)
     once = Engine(model, mode="locret", once=True, keep_bytes=0, **options)
     released = Engine(model, mode="offload+locret", release=True, keep_bytes=0, **options)
+    exact = Engine(model, mode="locret", keep_bytes=0, **options)  # locret's default: the same, as one mode
     question = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(5))
-    answers = [engine.ask(engine.prefill_document(ids), question, max_new_tokens=4) for engine in (once, released)]
-    assert answers[1].token_ids == answers[0].token_ids and answers[1].stats.host_kv_bytes == 0
+    answers = [engine.ask(engine.prefill_document(ids), question, max_new_tokens=4)
+               for engine in (once, released, exact)]
+    assert answers[1].token_ids == answers[0].token_ids == answers[2].token_ids
+    assert answers[1].stats.host_kv_bytes == answers[2].stats.host_kv_bytes == 0
+
+
+def test_locret_prefills_exactly_and_merges_unless_told_otherwise():
+    """Locret's defaults: an exact prefill with summaries of max(64, 8 x ratio) positions; a chunked prefill (or
+    once) brings no summaries; other policies run chunked, as published; conflicting choices are refused."""
+    def chosen(policy: str, **given) -> tuple[str, int]:
+        options = split_options(policy, given)[0]
+        return options.prefill, options.merge
+
+    assert chosen("locret") == ("exact", 64)
+    assert chosen("locret", compression=20) == ("exact", 160)
+    assert chosen("locret", merge=0) == ("exact", 0)
+    assert chosen("locret", prefill="chunked") == ("chunked", 0)
+    assert chosen("locret", once=True) == ("chunked", 0)
+    assert chosen("snapkv") == ("chunked", 0) and chosen("snapkv", prefill="exact") == ("exact", 0)
+    with pytest.raises(HeadspaceError, match="prefill must be 'chunked' or 'exact', got 'fast'"):
+        split_options("locret", {"prefill": "fast"})
+    with pytest.raises(HeadspaceError, match="give one of them"):
+        split_options("locret", {"prefill": "exact", "once": True})
+    with pytest.raises(HeadspaceError, match="option.s. prefill not taken by eviction with policy 'locret' and "
+                                             "offload"):
+        split_options("locret", {"prefill": "chunked"}, offload=True)
+
+
+def test_an_exact_prefill_that_host_ram_cannot_hold_is_refused_with_the_way_out(model, heads, ids, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(available=0))
+    options = dict(chunk_size=CHUNK, budget=BUDGET, stabilizer=STABILIZER, sink=SINK, heads=heads)
+    with pytest.raises(HeadspaceError, match="exact prefill holds the evicted tokens there .* prefill=chunked"):
+        Engine(model, mode="locret", **options).prefill(ids)
+    _, cache = Engine(model, mode="locret", prefill="chunked", **options).prefill(ids)  # keeps nothing there
+    assert all(layer.stored == BUDGET for layer in budget_layers(cache))
+
+
+@pytest.mark.usefixtures("cpu_default_device")
+def test_the_command_line_passes_prefill(capsys, tiny_model):  # noqa: F811
+    line = refused(capsys, "generate", "--model", tiny_model, "--prompt", "hi", "--mode", "locret",
+                   "--prefill", "exact", "--once")
+    assert "give one of them" in line
+    line = refused(capsys, "generate", "--model", tiny_model, "--prompt", "hi", "--mode", "offload+locret",
+                   "--prefill", "chunked")
+    assert "prefill not taken by eviction with policy 'locret' and offload" in line
 
 
 def test_offload_locret_merges_for_decode_over_the_budget_only(model, heads):  # noqa: F811

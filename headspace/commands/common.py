@@ -147,7 +147,7 @@ def weight_count(config: PretrainedConfig) -> int:
 
 # CLI flag -> engine option; a flag left out is not passed, so each mode's own default applies
 MODE_FLAGS = ("gpu_heads", "group_heads", "cpu_heads", "gpu_memory", "kv_dtype", "budget", "compression", "stabilizer",
-              "sink", "once", "merge", "release", "heads")
+              "sink", "once", "merge", "prefill", "release", "heads")
 
 
 def kv_dtype(text: str) -> str:
@@ -225,7 +225,12 @@ def add_mode_options(parser: argparse.ArgumentParser, default: str | None = "off
                           help="prefill the whole prompt exactly, then compress it once (device memory: the prompt)")
     eviction.add_argument("--merge", type=non_negative_int, metavar="N",
                           help="merge evicted tokens into one summary per KV head and block of N positions, "
-                               "attended with the weight of the tokens it stands for (0: drop them, the default)")
+                               "attended with the weight of the tokens it stands for (0: drop them; locret's "
+                               "default with its exact prefill: max(64, 8 x compression), otherwise 0)")
+    eviction.add_argument("--prefill", choices=("chunked", "exact"),
+                          help="chunked: each prompt chunk attends what the budget kept of the earlier ones (Locret's "
+                               "recipe; the default of every policy but locret); exact: it attends the whole prompt, "
+                               "the evicted tokens waiting in host RAM until the prompt's end (locret's default)")
     eviction.add_argument("--release", action="store_true", default=None,
                           help="offload+locret: free the host RAM once the prompt is prefilled (exact), so what "
                                "follows sees the device budget only (with --merge: --once without its device memory)")

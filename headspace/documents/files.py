@@ -64,7 +64,7 @@ DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", to
 # change where KV lives, speed or decode, not what the cache holds (a load keeps the file's split of heads)
 RUNTIME_OPTIONS = {"gpu_heads", "gpu_memory", "group_heads", "cpu_heads", "decode"}
 # options that files saved before they existed were saved with: a loading engine compares with these
-OPTION_DEFAULTS = {"kv_dtype": "bf16", "once": False, "merge": 0, "release": False}
+OPTION_DEFAULTS = {"kv_dtype": "bf16", "once": False, "merge": 0, "release": False, "prefill": "chunked"}
 SUMMARY_PARTS = ("keys", "values", "counts")  # a budgeted layer's merged evicted tokens (``merge``)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all); first called with 0 as the bytes start to move
@@ -450,10 +450,12 @@ class DocumentFile:
             raise HeadspaceError(f"{name} was saved in mode '{manifest['mode']}' and this engine runs '{mode}': "
                                  f"use mode '{manifest['mode']}' (--mode {manifest['mode']})")
         saved = {**OPTION_DEFAULTS, **manifest["options"]}
-        for key in sorted((set(options) | set(manifest["options"])) - RUNTIME_OPTIONS):
-            if saved.get(key) != options.get(key):
-                raise HeadspaceError(f"{name} was saved with {key}={saved.get(key)} and this engine "
-                                     f"has {key}={options.get(key)}: make the engine with the file's options")
+        differ = [key for key in sorted((set(options) | set(manifest["options"])) - RUNTIME_OPTIONS)
+                  if saved.get(key) != options.get(key)]
+        if differ:
+            raise HeadspaceError(f"{name} was saved with {', '.join(f'{key}={saved.get(key)}' for key in differ)} "
+                                 f"and this engine has {', '.join(f'{key}={options.get(key)}' for key in differ)}: "
+                                 f"make the engine with the file's options")
 
     def resident_heads(self) -> tuple[int, ...]:
         """Per offloaded layer, the KV heads the saving cache kept on the device: a load builds its cache with

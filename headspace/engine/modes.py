@@ -176,10 +176,11 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
         return budget_options, make_policy(policy, **policy_options)
 
     def host_plan(request: CacheRequest) -> tuple[int, Placement]:
-        """offload+locret: the head group size and the plan of a host tier that could take every token."""
+        """The head group size and the plan of a host tier that could take every token (offload+locret's, or the
+        one an exact prefill holds the evicted tokens in until the prompt's end)."""
         options = request.options[0]
-        group = options.group_heads or auto_group_heads(request.shape, request.tokens, request.dtype, 0,
-                                                        precision=options.precision)
+        group = getattr(options, "group_heads", None) or auto_group_heads(
+            request.shape, request.tokens, request.dtype, 0, precision=options.precision)
         return group, plan(request.shape, request.tokens, request.dtype, "offload", 0, group,
                            precision=options.precision)
 
@@ -190,15 +191,19 @@ def _budget_mode(policy: str, offload: bool = False) -> Mode:
         device = budget_bytes(request.shape, held, request.dtype, request.chunk_size,  # reserved for a short prompt too
                               request.options[0].precision)
         device += summary_bytes(request.shape, request.tokens or request.prompt_tokens or 0, request.options[0].merge)
-        return device, host_plan(request)[1].host_kv_bytes if offload else 0
+        return device, host_plan(request)[1].host_kv_bytes if request.options[0].prefill == "exact" else 0
 
     def make_cache(request: CacheRequest) -> Cache:
         budget_options, chosen = request.options
         group = 1
-        if offload:
+        if budget_options.prefill == "exact":  # a host tier: offload+locret's, or an exact prefill's until its end
             group, needs = host_plan(request)
-            check_host_ram(needs.host_kv_bytes)
-        fields = dataclasses.asdict(budget_options)
+            if offload:
+                check_host_ram(needs.host_kv_bytes)
+            else:
+                check_host_ram(needs.host_kv_bytes, ways_out=f"{policy}'s exact prefill holds the evicted tokens "
+                               f"there until the prompt's end: shorten the context, or prefill=chunked keeps none")
+        fields = {f.name: getattr(budget_options, f.name) for f in dataclasses.fields(budget_options) if f.init}
         fields.pop("group_heads", None)  # resolved above
         return budget_cache(request.model, chosen, prompt_tokens=request.prompt_tokens,
                             chunk_size=request.chunk_size, offload=offload, group_heads=group, **fields)

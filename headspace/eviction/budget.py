@@ -24,8 +24,14 @@ its last chunk has been scored, then cut to the budget once and evict as usual
 from there (peak memory is then the prompt, not budget + chunk: :func:`held_tokens`,
 which the layer reserves up front and the mode's footprint counts).
 
-Two options change what eviction leaves behind, for every policy:
+Three options change what eviction leaves behind, for every policy:
 
+* ``prefill``: ``"chunked"`` (Locret's recipe; every policy's default but Locret's) attends each chunk over
+  what the budget kept of the earlier ones; ``"exact"`` (Locret's default, with ``merge``: see
+  :meth:`~headspace.eviction.policies.locret.Locret.budget_defaults`) keeps the evicted tokens in a host tier,
+  as ``offload+locret`` does, until the prompt's last chunk has attended them, then frees it: the prompt's
+  logits are ``full``'s, device memory is the chunked budget's, and host RAM holds what was evicted while
+  the prompt is prefilled. Locret's scores do not depend on what was kept, so both keep the same tokens.
 * ``once``: the layer holds the whole prompt (exact attention, the prompt's own logits are
   ``full``'s) and cuts to the budget once, at its end, as query-aware SnapKV always does. Peak KV
   memory is the prompt. Locret's scores do not depend on what was kept, so the same tokens are kept
@@ -38,7 +44,7 @@ Two options change what eviction leaves behind, for every policy:
 
 Options (:class:`BudgetOptions`): ``budget`` (tokens per KV head) or ``compression``
 (prompt tokens / budget, default 4), ``stabilizer`` (64), ``sink`` (4), ``kv_dtype`` (below),
-``once`` and ``merge`` (above), and for ``offload+locret`` ``decode``, ``group_heads`` and ``release``; the
+``prefill``, ``once`` and ``merge`` (above), and for ``offload+locret`` ``decode``, ``group_heads`` and ``release``; the
 policy's own fields (e.g. Locret's ``heads``, SnapKV's ``window`` and ``kernel``) configure the policy. A
 prompt too short to need eviction (a budget from ``compression`` below ``stabilizer + sink``) keeps every token.
 
@@ -108,6 +114,7 @@ class BudgetOptions:
     kv_dtype: str = "bf16"  # the budget's precision on the device: "fp8" or "int8" (one scale per token)
     once: bool = False  # prefill the whole prompt exactly, then compress it once at its end (peak: the prompt)
     merge: int = 0  # evicted tokens merged into one summary per KV head and block of this many positions (0: off)
+    prefill: str = "chunked"  # "exact": every chunk attends the whole prompt, evicted tokens waiting in host RAM
 
     host_tier: ClassVar[bool] = False  # whether evicted tokens are kept (in host RAM), at the host precision
 
@@ -137,6 +144,11 @@ class BudgetOptions:
                                  f"give the budget's precision on the device: fp8, int8 or bf16")
         object.__setattr__(self, "kv_dtype", str(precision))
         object.__setattr__(self, "once", parse_switch(self.once, "once"))
+        if self.prefill not in ("chunked", "exact"):
+            raise HeadspaceError(f"prefill must be 'chunked' or 'exact', got '{self.prefill}'")
+        if self.once and self.prefill == "exact" and not self.host_tier:
+            raise HeadspaceError("once=1 prefills exactly on the device and prefill='exact' does it with the "
+                                 "evicted tokens in host RAM: give one of them (prefill=chunked with once=1)")
         if self.merge < 0:
             raise HeadspaceError(f"merge must be a block of positions (0: off), got {self.merge}")
         ratio = 4.0 if self.compression is None else float(self.compression)
@@ -172,6 +184,7 @@ class OffloadBudgetOptions(BudgetOptions):
     decode: str = "budget"  # "budget": the device-resident tokens only; "exact": host tokens too
     group_heads: int | None = None  # heads streamed back per step in prefill (None: automatic)
     release: bool = False  # free the host tier once the prompt is prefilled: what follows sees the budget only
+    prefill: str = field(default="exact", init=False)  # always: every evicted token stays in the host tier
 
     host_tier: ClassVar[bool] = True
 
@@ -208,14 +221,16 @@ class BudgetSettings:
 def split_options(policy: str, options: dict, offload: bool = False) -> tuple[BudgetOptions, dict]:
     """``options`` as the budget's typed options and the policy's fields; anything else is refused."""
     kind = OffloadBudgetOptions if offload else BudgetOptions
-    budget_names = [f.name for f in fields(kind)]
+    budget_names = [f.name for f in fields(kind) if f.init]
     policy_names = policy_fields(POLICIES[policy]) if policy in POLICIES else []
     unknown = sorted(set(options) - set(budget_names) - set(policy_names))
     if unknown:
         raise HeadspaceError(f"option(s) {', '.join(unknown)} not taken by eviction with policy '{policy}'"
                              f"{' and offload' if offload else ''}; it takes: {', '.join(budget_names + policy_names)}")
-    return (kind(**{k: v for k, v in options.items() if k in budget_names}),
-            {k: v for k, v in options.items() if k in policy_names})
+    given = {k: v for k, v in options.items() if k in budget_names}
+    if not offload and policy in POLICIES:
+        given = {**POLICIES[policy].budget_defaults(given), **given}
+    return kind(**given), {k: v for k, v in options.items() if k in policy_names}
 
 
 def held_tokens(policy: Policy, budget: int, chunk_size: int, prompt_tokens: int | None, once: bool = False) -> int:
@@ -469,14 +484,15 @@ def budget_cache(
     if group_heads < 1:
         raise HeadspaceError(f"group_heads must be at least 1, got {group_heads}")
     decode_exact = getattr(budget_options, "decode", "budget") == "exact"
+    host = budget_options.prefill == "exact"  # offload+locret, or an exact prefill whose evicted tokens wait there
+    release = getattr(budget_options, "release", True)  # that wait ends with the prompt, unless the mode keeps them
     shape = ModelShape.of(model.config)
     kept = budget_options.stabilizer + budget_options.sink
     spread = {}  # a prompt within the budget is kept whole by every layer, whatever the policy's spread
     if prompt_tokens is None or budget < prompt_tokens:
         spread = template.layer_budgets(budget, shape.full_attention_layers, kept)
     settings = BudgetSettings(budget, budget_options.stabilizer, budget_options.sink, decode_exact, spread,
-                              prompt_tokens, budget_options.once, budget_options.merge,
-                              getattr(budget_options, "release", False))
+                              prompt_tokens, budget_options.once, budget_options.merge, release)
     if block_tokens is None:  # host blocks: what the prompt will evict, plus room for decode
         block_tokens = max((prompt_tokens or 0) - budget, 0) + 1024
     device = model.device
@@ -484,7 +500,7 @@ def budget_cache(
     chosen = template.prepare(model)  # one policy object per cache: shared state (random generator) across layers
     layers: list[HeadspaceLayer] = [
         WindowLayer(window) if window is not None
-        else BudgetLayer(index, chosen, settings, chunk_size, transfers if offload else None, group_heads,
+        else BudgetLayer(index, chosen, settings, chunk_size, transfers if host else None, group_heads,
                          block_tokens, budget_options.precision)
         for index, window in enumerate(shape.windows)
     ]

@@ -76,14 +76,14 @@ def probe(device: torch.device, weights: int, cap: int | float | None = None, lo
     return Machine(cap - weights, host, shared=device.type == "cpu", capped=True)
 
 
-def check_host_ram(host_bytes: int, headroom: float = HOST_HEADROOM) -> None:
-    """Refuse before allocating when host RAM cannot hold ``host_bytes`` of KV."""
+def check_host_ram(host_bytes: int, headroom: float = HOST_HEADROOM,
+                   ways_out: str = "shorten the context, keep more heads on the GPU, or use an eviction mode") -> None:
+    """Refuse before allocating when host RAM cannot hold ``host_bytes`` of KV; ``ways_out`` says what to do."""
     available = psutil.virtual_memory().available
     if host_bytes > headroom * available:
         raise HeadspaceError(
             f"not enough host RAM: the offloaded KV needs {human_bytes(host_bytes)} but only "
-            f"{human_bytes(available)} is available (shorten the context, keep more heads on the GPU, or use an "
-            f"eviction mode)"
+            f"{human_bytes(available)} is available ({ways_out})"
         )
 
 

@@ -54,6 +54,12 @@ class Policy:
     compress_once: ClassVar[bool] = False
     query_aware: ClassVar[bool] = False  # chooses by the question at the prompt's end (none in a kept document)
 
+    @classmethod
+    def budget_defaults(cls, given: dict) -> dict:
+        """Budget options (:class:`~headspace.eviction.budget.BudgetOptions` fields) this policy is best run with
+        where the user gave none (``given``: those they did give); none by default: a policy runs as published."""
+        return {}
+
     def prepare(self, model: PreTrainedModel) -> Policy:
         """A copy ready to score for ``model`` (one per cache, so state such as a random generator is not
         shared between caches). Policies that need the model (learned heads, its RoPE) load it here."""

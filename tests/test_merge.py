@@ -126,9 +126,15 @@ def test_release_is_once_with_the_prompt_in_host_ram(model, heads, ids):  # noqa
     for token in range(3):
         torch.testing.assert_close(released.decode_step(token, cache), once.decode_step(token, once_cache),
                                    rtol=1e-4, atol=1e-4)
-    generation = released.generate(ids, max_new_tokens=4)
+    generation, once_generation = released.generate(ids, max_new_tokens=4), once.generate(ids, max_new_tokens=4)
     assert generation.stats.host_kv_bytes == 0
-    assert generation.token_ids == once.generate(ids, max_new_tokens=4).token_ids
+    assert generation.token_ids == once_generation.token_ids
+    # what host RAM held while the prompt was prefilled is reported, though it was freed; once held none there
+    evicted = sum(layer.dtype.itemsize * 2 * layer.heads * layer.head_dim * (PROMPT - BUDGET)
+                  for layer in budget_layers(cache))
+    assert generation.stats.prefill_host_kv_bytes >= evicted > 0 == once_generation.stats.prefill_host_kv_bytes
+    assert "while the prompt was prefilled" in generation.stats.summary()
+    assert "while the prompt was prefilled" not in once_generation.stats.summary()
 
 
 def test_a_kept_document_released_answers_from_its_budget(model, heads, ids):  # noqa: F811

@@ -437,6 +437,8 @@ class Engine:
         stats.new_tokens = len(tokens)
         stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         stats.device_kv_bytes, stats.host_kv_bytes = kv_bytes(cache)
+        if isinstance(cache, HeadspaceCache) and not stats.cached_tokens:  # a kept prompt's prefill is not this run's
+            stats.prefill_host_kv_bytes = cache.released_host_kv_bytes
         stats.placement = placement_of(cache)
         stats.cuda_graph = self.graph_decodes(cache) and self.device.type == "cuda"
         text = self.tokenizer.decode(tokens, skip_special_tokens=True) if self.tokenizer else None

@@ -22,6 +22,7 @@ class Stats:
     peak_device_bytes: int | None = None
     device_kv_bytes: int | None = None
     host_kv_bytes: int | None = None
+    prefill_host_kv_bytes: int | None = None  # host RAM the prompt's exact prefill held, freed at its end
     placement: str | None = None  # where the KV heads were and how decode attended them (offloading caches)
     cuda_graph: bool = False  # decode steps were replayed from a CUDA graph
 
@@ -45,8 +46,10 @@ class Stats:
         if self.peak_device_bytes is not None:
             parts.append(f"peak GPU {human_bytes(self.peak_device_bytes)}")
         if self.device_kv_bytes is not None:
+            held = (f" (up to {human_bytes(self.prefill_host_kv_bytes)} while the prompt was prefilled)"
+                    if self.prefill_host_kv_bytes else "")
             parts.append(f"KV {human_bytes(self.device_kv_bytes)} on device, "
-                         f"{human_bytes(self.host_kv_bytes or 0)} in host RAM")
+                         f"{human_bytes(self.host_kv_bytes or 0)} in host RAM{held}")
         return " | ".join(parts)
 
     def as_dict(self) -> dict:

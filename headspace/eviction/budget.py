@@ -212,7 +212,7 @@ class BudgetSettings:
     prompt_tokens: int | None = None  # where the prompt ends (policies that compress once, at its end)
     once: bool = False  # every policy compresses once, at the prompt's end
     merge: int = 0  # positions per summary block of evicted tokens (0: evicted tokens are dropped)
-    release: bool = False  # offload+locret: the host tier is freed once the prompt is prefilled
+    release: bool = False  # the host tier (an exact prefill's, or offload+locret's) is freed at the prompt's end
 
     def budget_of(self, layer: int) -> int:
         return self.layer_budgets.get(layer, self.budget)
@@ -351,6 +351,7 @@ class BudgetLayer(HeadspaceLayer):
     def release_host(self) -> None:
         """Free the host tier (``release``): the prompt was attended exactly, and what it evicted is now only in
         the summaries (``merge``), or gone; later chunks and decode see the device budget, as in ``locret``."""
+        self.released_host_bytes = max(self.released_host_bytes, self.host_bytes)
         self.host, self.host_positions, self.written = None, [], None
 
     def attended(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -261,6 +261,12 @@ class HeadspaceCache(Cache):
     def host_kv_bytes(self) -> int:
         return sum(layer.host_bytes for layer in self.layers)
 
+    @property
+    def released_host_kv_bytes(self) -> int:
+        """Host bytes the layers held while the prompt was prefilled and freed at its end (an exact prefill's
+        evicted tokens): at most what host RAM held at once, as the layers free theirs one after another."""
+        return sum(layer.released_host_bytes for layer in self.layers)
+
     def describe(self) -> str | None:
         """Where the KV heads live and how decode attends them, in one line (None without offloaded layers)."""
         layers = self._offload_layers

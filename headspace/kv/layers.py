@@ -90,6 +90,8 @@ class HeadspaceLayer(CacheLayerMixin):
     def host_bytes(self) -> int:
         return 0
 
+    released_host_bytes = 0  # host bytes this layer held while the prompt was prefilled, then freed (exact prefill)
+
     # -- the static form of decode (:mod:`headspace.kv.static`); layers that have one override these ---------
     static_capable = False  # whether this layer has a static form of decode: every head on the device
 
